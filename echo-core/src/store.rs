@@ -1,0 +1,765 @@
+//! The batching store: one pre-allocated buffer per leaf, `num_buffers x batch_size`
+//! slots, so that every batch is contiguous per leaf.
+//!
+//! Writers reserve slots with a CAS (never across a batch boundary), wait until
+//! the ring slot of that batch is free, copy, and commit. The writer whose commit
+//! completes a batch wakes the consumer: once per full batch. The consumer takes
+//! batches in order as [`Batch`] guards; dropping a guard hands its slots back to
+//! the writers. When the ring is full writers wait: nothing is overwritten or dropped.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::Arc;
+
+use event_listener::{Event, Listener};
+
+use crate::spec::{DType, Spec};
+use crate::{Error, Result};
+
+const CLOSED: u64 = 1 << 63;
+const ALIGN: usize = 64;
+
+struct LeafBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain bytes; concurrent access is coordinated by the
+// reserve/commit/release protocol below (writers touch only slots they reserved
+// and that are free; readers only slots of a committed batch they hold).
+unsafe impl Send for LeafBuf {}
+// SAFETY: see above.
+unsafe impl Sync for LeafBuf {}
+
+impl LeafBuf {
+    fn new(len: usize) -> Result<LeafBuf> {
+        let layout = Layout::from_size_align(len, ALIGN)
+            .map_err(|_| Error::Config(format!("store buffer of {len} bytes is too large")))?;
+        // SAFETY: len > 0 (specs have no zero-byte leaves, batch_size and num_buffers >= 1).
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            Error::Config(format!("could not allocate a store buffer of {len} bytes"))
+        })?;
+        Ok(LeafBuf { ptr, len })
+    }
+}
+
+impl Drop for LeafBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe {
+            alloc::dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.len, ALIGN),
+            )
+        }
+    }
+}
+
+struct BatchSlot {
+    /// Samples committed into this ring slot for its current batch.
+    committed: AtomicUsize,
+    /// The batch sequence number allowed to write here (`seq % num_buffers == index`).
+    free_for: AtomicU64,
+}
+
+struct Inner {
+    spec: Spec,
+    batch_size: usize,
+    num_buffers: usize,
+    leaves: Vec<LeafBuf>,
+    /// Next slot sequence number to reserve; the high bit marks the store closed.
+    next: AtomicU64,
+    /// Next batch sequence number the consumer takes.
+    consumed: AtomicU64,
+    slots: Vec<BatchSlot>,
+    aborted: AtomicBool,
+    space: Event,
+    ready: Event,
+    inserted: AtomicU64,
+    push_blocked: AtomicU64,
+    notify_count: AtomicU64,
+}
+
+/// The pre-allocated batching store. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("batch_size", &self.inner.batch_size)
+            .field("num_buffers", &self.inner.num_buffers)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+/// Counters kept by the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Samples reserved and not yet handed to the consumer.
+    pub size: u64,
+    /// Samples committed.
+    pub inserted: u64,
+    /// Waits for ring space.
+    pub push_blocked: u64,
+    /// Consumer wake-ups for a full batch.
+    pub notify_count: u64,
+    /// Batches handed out.
+    pub batches: u64,
+}
+
+impl Store {
+    /// Allocates `num_buffers x batch_size` slots per leaf.
+    pub fn new(spec: Spec, batch_size: usize, num_buffers: usize) -> Result<Store> {
+        if batch_size == 0 {
+            return Err(Error::Config("batch_size must be at least 1, got 0".into()));
+        }
+        if num_buffers < 2 {
+            return Err(Error::Config(format!(
+                "num_buffers must be at least 2, got {num_buffers}"
+            )));
+        }
+        let slots = batch_size
+            .checked_mul(num_buffers)
+            .filter(|s| (*s as u64) < CLOSED / 4)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "batch_size {batch_size} x num_buffers {num_buffers} overflows"
+                ))
+            })?;
+        let leaves = (0..spec.leaves().len())
+            .map(|i| {
+                let len = spec.leaf_bytes(i).checked_mul(slots).ok_or_else(|| {
+                    Error::Config(format!(
+                        "store for leaf `{}` ({} bytes x {slots} slots) overflows",
+                        spec.leaves()[i].name,
+                        spec.leaf_bytes(i)
+                    ))
+                })?;
+                LeafBuf::new(len)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let slots = (0..num_buffers)
+            .map(|i| BatchSlot {
+                committed: AtomicUsize::new(0),
+                free_for: AtomicU64::new(i as u64),
+            })
+            .collect();
+        Ok(Store {
+            inner: Arc::new(Inner {
+                spec,
+                batch_size,
+                num_buffers,
+                leaves,
+                next: AtomicU64::new(0),
+                consumed: AtomicU64::new(0),
+                slots,
+                aborted: AtomicBool::new(false),
+                space: Event::new(),
+                ready: Event::new(),
+                inserted: AtomicU64::new(0),
+                push_blocked: AtomicU64::new(0),
+                notify_count: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &Spec {
+        &self.inner.spec
+    }
+
+    /// Samples per batch.
+    pub fn batch_size(&self) -> usize {
+        self.inner.batch_size
+    }
+
+    /// Batches in the ring.
+    pub fn num_buffers(&self) -> usize {
+        self.inner.num_buffers
+    }
+
+    /// Samples reserved and not yet handed to the consumer.
+    pub fn size(&self) -> u64 {
+        let next = self.inner.next.load(Acquire) & !CLOSED;
+        let consumed = self.inner.consumed.load(Acquire) * self.inner.batch_size as u64;
+        next.saturating_sub(consumed)
+    }
+
+    /// The store's counters.
+    pub fn counters(&self) -> StoreCounters {
+        StoreCounters {
+            size: self.size(),
+            inserted: self.inner.inserted.load(Relaxed),
+            push_blocked: self.inner.push_blocked.load(Relaxed),
+            notify_count: self.inner.notify_count.load(Relaxed),
+            batches: self.inner.consumed.load(Relaxed),
+        }
+    }
+
+    /// Writes whole payloads (back to back) from async code, waiting for ring space.
+    pub async fn write(&self, payloads: &[u8]) -> Result<()> {
+        let mut rest = self.check_len(payloads)?;
+        while !rest.is_empty() {
+            let (start, n) = self.inner.reserve(rest.len() / self.inner.spec.payload_size())?;
+            let batch = start / self.inner.batch_size as u64;
+            let mut blocked = false;
+            loop {
+                if self.inner.is_free(batch)? {
+                    break;
+                }
+                let listener = self.inner.space.listen();
+                if self.inner.is_free(batch)? {
+                    break;
+                }
+                if !blocked {
+                    blocked = true;
+                    self.inner.push_blocked.fetch_add(1, Relaxed);
+                }
+                listener.await;
+            }
+            rest = self.inner.fill(start, n, rest);
+        }
+        Ok(())
+    }
+
+    /// Writes whole payloads (back to back) from a plain thread, blocking for ring space.
+    pub fn write_blocking(&self, payloads: &[u8]) -> Result<()> {
+        let mut rest = self.check_len(payloads)?;
+        while !rest.is_empty() {
+            let (start, n) = self.inner.reserve(rest.len() / self.inner.spec.payload_size())?;
+            let batch = start / self.inner.batch_size as u64;
+            let mut blocked = false;
+            loop {
+                if self.inner.is_free(batch)? {
+                    break;
+                }
+                let listener = self.inner.space.listen();
+                if self.inner.is_free(batch)? {
+                    break;
+                }
+                if !blocked {
+                    blocked = true;
+                    self.inner.push_blocked.fetch_add(1, Relaxed);
+                }
+                listener.wait();
+            }
+            rest = self.inner.fill(start, n, rest);
+        }
+        Ok(())
+    }
+
+    fn check_len<'a>(&self, payloads: &'a [u8]) -> Result<&'a [u8]> {
+        let ps = self.inner.spec.payload_size();
+        if payloads.is_empty() || payloads.len() % ps != 0 {
+            return Err(Error::PayloadSize {
+                expected: ps,
+                got: payloads.len(),
+            });
+        }
+        Ok(payloads)
+    }
+
+    /// Takes the next batch, waiting for it; `None` once the store is closed and empty.
+    pub async fn next_batch(&self) -> Option<Batch> {
+        loop {
+            match self.inner.try_take() {
+                Take::Batch(b) => return Some(self.batch(b)),
+                Take::Done => return None,
+                Take::Wait => {}
+            }
+            let listener = self.inner.ready.listen();
+            match self.inner.try_take() {
+                Take::Batch(b) => return Some(self.batch(b)),
+                Take::Done => return None,
+                Take::Wait => listener.await,
+            }
+        }
+    }
+
+    /// Takes the next batch from a plain thread, blocking; `None` once closed and empty.
+    pub fn next_batch_blocking(&self) -> Option<Batch> {
+        loop {
+            match self.inner.try_take() {
+                Take::Batch(b) => return Some(self.batch(b)),
+                Take::Done => return None,
+                Take::Wait => {}
+            }
+            let listener = self.inner.ready.listen();
+            match self.inner.try_take() {
+                Take::Batch(b) => return Some(self.batch(b)),
+                Take::Done => return None,
+                Take::Wait => listener.wait(),
+            }
+        }
+    }
+
+    /// Takes the next batch if it is ready, without waiting.
+    pub fn try_next_batch(&self) -> Option<Batch> {
+        match self.inner.try_take() {
+            Take::Batch(b) => Some(self.batch(b)),
+            _ => None,
+        }
+    }
+
+    fn batch(&self, (seq, len): (u64, usize)) -> Batch {
+        Batch {
+            store: self.inner.clone(),
+            seq,
+            len,
+        }
+    }
+
+    /// Refuses new writes. Writes already reserved still complete; the consumer then
+    /// gets every full batch, the remainder as a partial batch, then `None`.
+    pub fn close(&self) {
+        self.inner.next.fetch_or(CLOSED, AcqRel);
+        self.inner.ready.notify(usize::MAX);
+        self.inner.space.notify(usize::MAX);
+    }
+
+    /// Closes and makes writers still waiting for ring space give up with an error
+    /// (used when the consumer is gone for good).
+    pub fn abort(&self) {
+        self.inner.aborted.store(true, Release);
+        self.close();
+    }
+
+    /// True once [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.next.load(Acquire) & CLOSED != 0
+    }
+}
+
+enum Take {
+    Batch((u64, usize)),
+    Wait,
+    Done,
+}
+
+impl Inner {
+    fn reserve(&self, want: usize) -> Result<(u64, usize)> {
+        let bs = self.batch_size as u64;
+        let mut cur = self.next.load(Relaxed);
+        loop {
+            if cur & CLOSED != 0 {
+                return Err(Error::Shutdown);
+            }
+            let boundary = (cur / bs + 1) * bs;
+            let n = (want as u64).min(boundary - cur);
+            match self.next.compare_exchange_weak(cur, cur + n, AcqRel, Relaxed) {
+                Ok(_) => return Ok((cur, n as usize)),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn is_free(&self, batch: u64) -> Result<bool> {
+        let slot = &self.slots[(batch % self.num_buffers as u64) as usize];
+        if slot.free_for.load(Acquire) == batch {
+            return Ok(true);
+        }
+        if self.aborted.load(Acquire) {
+            return Err(Error::Shutdown);
+        }
+        Ok(false)
+    }
+
+    /// Copies `n` payloads from the front of `src` into reserved slots starting at
+    /// `start` (whose ring slot is free), commits them, returns the rest of `src`.
+    fn fill<'a>(&self, start: u64, n: usize, src: &'a [u8]) -> &'a [u8] {
+        let ps = self.spec.payload_size();
+        let ring_slot = (start % (self.batch_size * self.num_buffers) as u64) as usize;
+        for (i, leaf) in self.leaves.iter().enumerate() {
+            let lb = self.spec.leaf_bytes(i);
+            let off = self.spec.leaf_offset(i);
+            // SAFETY: slots [ring_slot, ring_slot + n) lie inside one batch of the ring
+            // (reserve never crosses a batch boundary), so the range is in bounds; they
+            // were reserved by this writer alone and their batch is free (no guard holds it).
+            let dst = unsafe { leaf.ptr.as_ptr().add(ring_slot * lb) };
+            if self.leaves.len() == 1 {
+                // SAFETY: as above; n * lb == n * ps bytes, src holds at least that many.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n * ps) };
+            } else {
+                for k in 0..n {
+                    let s = &src[k * ps + off..k * ps + off + lb];
+                    // SAFETY: as above, slot k of the reserved range.
+                    unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), dst.add(k * lb), lb) };
+                }
+            }
+        }
+        self.inserted.fetch_add(n as u64, Relaxed);
+        let batch = start / self.batch_size as u64;
+        let slot = &self.slots[(batch % self.num_buffers as u64) as usize];
+        let done = slot.committed.fetch_add(n, AcqRel) + n;
+        if done == self.batch_size {
+            self.notify_count.fetch_add(1, Relaxed);
+            self.ready.notify(usize::MAX);
+        } else if self.next.load(Acquire) & CLOSED != 0 {
+            // A partial last batch may now be complete.
+            self.ready.notify(usize::MAX);
+        }
+        &src[n * ps..]
+    }
+
+    fn try_take(&self) -> Take {
+        let bs = self.batch_size as u64;
+        loop {
+            let seq = self.consumed.load(Acquire);
+            let next = self.next.load(Acquire);
+            let target = if next & CLOSED != 0 {
+                let end = next & !CLOSED;
+                let n = end.saturating_sub(seq * bs).min(bs);
+                if n == 0 {
+                    return Take::Done;
+                }
+                n as usize
+            } else {
+                self.batch_size
+            };
+            let slot = &self.slots[(seq % self.num_buffers as u64) as usize];
+            if slot.free_for.load(Acquire) != seq || slot.committed.load(Acquire) != target {
+                return Take::Wait;
+            }
+            if self
+                .consumed
+                .compare_exchange(seq, seq + 1, AcqRel, Acquire)
+                .is_ok()
+            {
+                return Take::Batch((seq, target));
+            }
+        }
+    }
+
+    fn release(&self, seq: u64) {
+        let slot = &self.slots[(seq % self.num_buffers as u64) as usize];
+        slot.committed.store(0, Relaxed);
+        slot.free_for.store(seq + self.num_buffers as u64, Release);
+        self.space.notify(usize::MAX);
+        // A consumer waiting for the batch that reuses this slot may be able to go on.
+        self.ready.notify(usize::MAX);
+    }
+}
+
+/// A batch handed to the consumer: per-leaf contiguous slices of `len` samples.
+///
+/// Its slots are the consumer's until the guard is dropped; writers cannot touch
+/// them meanwhile.
+pub struct Batch {
+    store: Arc<Inner>,
+    seq: u64,
+    len: usize,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("seq", &self.seq)
+            .field("len", &self.len)
+            .field("partial", &self.is_partial())
+            .finish()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.store.release(self.seq);
+    }
+}
+
+impl Batch {
+    /// The batch's sequence number (0, 1, 2, ...).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Samples in the batch: `batch_size`, or fewer for the last batch after shutdown.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: a batch holds at least one sample.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True for the final, short batch handed out after a graceful shutdown.
+    pub fn is_partial(&self) -> bool {
+        self.len < self.store.batch_size
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &Spec {
+        &self.store.spec
+    }
+
+    /// The leaves, in wire order.
+    pub fn leaves(&self) -> impl Iterator<Item = LeafView<'_>> + '_ {
+        (0..self.store.leaves.len()).map(move |i| self.leaf(i))
+    }
+
+    /// Leaf `i` (panics if `i` is out of range, like slice indexing).
+    pub fn leaf(&self, i: usize) -> LeafView<'_> {
+        let spec = &self.store.spec;
+        let lb = spec.leaf_bytes(i);
+        let first = (self.seq % self.store.num_buffers as u64) as usize * self.store.batch_size;
+        // SAFETY: the batch's slots are committed and held by this guard; no writer
+        // touches them until it drops. The range lies inside the leaf buffer.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                self.store.leaves[i].ptr.as_ptr().add(first * lb),
+                self.len * lb,
+            )
+        };
+        LeafView {
+            leaf: &spec.leaves()[i],
+            batch: self.len,
+            bytes,
+        }
+    }
+
+    /// The leaf with this name.
+    pub fn leaf_by_name(&self, name: &str) -> Option<LeafView<'_>> {
+        let i = self.store.spec.leaves().iter().position(|l| l.name == name)?;
+        Some(self.leaf(i))
+    }
+
+    /// Reassembles sample `k` as it was on the wire into `out` (cleared first).
+    pub fn copy_sample(&self, k: usize, out: &mut Vec<u8>) {
+        out.clear();
+        for leaf in self.leaves() {
+            let lb = leaf.bytes.len() / self.len.max(1);
+            out.extend_from_slice(&leaf.bytes[k * lb..(k + 1) * lb]);
+        }
+    }
+}
+
+/// One leaf of a batch: `batch` samples of the leaf's shape, contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct LeafView<'a> {
+    leaf: &'a crate::spec::Leaf,
+    batch: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> LeafView<'a> {
+    /// The leaf's name.
+    pub fn name(&self) -> &'a str {
+        &self.leaf.name
+    }
+
+    /// The leaf's dtype.
+    pub fn dtype(&self) -> DType {
+        self.leaf.dtype
+    }
+
+    /// `(batch, *leaf_shape)`.
+    pub fn shape(&self) -> Vec<usize> {
+        std::iter::once(self.batch)
+            .chain(self.leaf.shape.iter().map(|&d| d as usize))
+            .collect()
+    }
+
+    /// The raw bytes, C order.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The elements as `T`, checking that `T` is this leaf's dtype.
+    pub fn as_slice<T: Element>(&self) -> Result<&'a [T]> {
+        if T::DTYPE != self.leaf.dtype {
+            return Err(Error::Other(format!(
+                "leaf `{}` is {}, not {}",
+                self.leaf.name,
+                self.leaf.dtype,
+                T::DTYPE
+            )));
+        }
+        let ptr = self.bytes.as_ptr();
+        if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+            return Err(Error::Other(format!("leaf `{}` is misaligned", self.leaf.name)));
+        }
+        // SAFETY: T is a plain numeric type with no invalid bit patterns, the pointer is
+        // aligned (checked) and the length is a whole number of elements (itemsize == size_of T).
+        Ok(unsafe {
+            std::slice::from_raw_parts(ptr.cast::<T>(), self.bytes.len() / std::mem::size_of::<T>())
+        })
+    }
+}
+
+/// A Rust type that can view a leaf's bytes: plain numbers with no invalid bit patterns.
+pub trait Element: Copy + private::Sealed + 'static {
+    /// The matching numpy dtype.
+    const DTYPE: DType;
+}
+
+mod private {
+    pub trait Sealed {}
+}
+
+macro_rules! element {
+    ($($t:ty => $d:ident),* $(,)?) => {$(
+        impl private::Sealed for $t {}
+        impl Element for $t { const DTYPE: DType = DType::$d; }
+    )*};
+}
+
+element!(
+    i8 => Int8, i16 => Int16, i32 => Int32, i64 => Int64,
+    u8 => Uint8, u16 => Uint16, u32 => Uint32, u64 => Uint64,
+    f32 => Float32, f64 => Float64, [f32; 2] => Complex64, [f64; 2] => Complex128,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Leaf;
+    use std::collections::HashSet;
+
+    fn spec() -> Spec {
+        Spec::new(vec![
+            Leaf::new("id", vec![], DType::Uint32),
+            Leaf::new("x", vec![2], DType::Float32),
+        ])
+        .unwrap()
+    }
+
+    fn payload(id: u32) -> Vec<u8> {
+        let mut p = id.to_le_bytes().to_vec();
+        p.extend_from_slice(&(id as f32).to_le_bytes());
+        p.extend_from_slice(&(-(id as f32)).to_le_bytes());
+        p
+    }
+
+    #[test]
+    fn batches_are_contiguous_per_leaf_with_typed_views() {
+        let s = Store::new(spec(), 4, 2).unwrap();
+        let all: Vec<u8> = (0..8).flat_map(payload).collect();
+        s.write_blocking(&all).unwrap();
+        let b = s.try_next_batch().unwrap();
+        assert_eq!((b.seq(), b.len(), b.is_partial()), (0, 4, false));
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1, 2, 3]);
+        assert_eq!(b.leaf(1).shape(), vec![4, 2]);
+        assert_eq!(
+            b.leaf_by_name("x").unwrap().as_slice::<f32>().unwrap(),
+            &[0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]
+        );
+        assert!(b.leaf(1).as_slice::<f64>().is_err());
+        let mut out = Vec::new();
+        b.copy_sample(2, &mut out);
+        assert_eq!(out, payload(2));
+        // The second batch is ready too; the ring is now full.
+        let b2 = s.try_next_batch().unwrap();
+        assert_eq!(b2.leaf(0).as_slice::<u32>().unwrap(), &[4, 5, 6, 7]);
+        assert!(s.try_next_batch().is_none());
+    }
+
+    #[test]
+    fn full_ring_blocks_writers_until_a_batch_is_dropped() {
+        let s = Store::new(spec(), 2, 2).unwrap();
+        let first: Vec<u8> = (0..4).flat_map(payload).collect();
+        s.write_blocking(&first).unwrap();
+        let held = s.try_next_batch().unwrap();
+        let s2 = s.clone();
+        let writer = std::thread::spawn(move || {
+            let more: Vec<u8> = (4..6).flat_map(payload).collect();
+            s2.write_blocking(&more).unwrap();
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "writer must wait: the ring is full");
+        // The held batch is intact while the writer waits.
+        assert_eq!(held.leaf(0).as_slice::<u32>().unwrap(), &[0, 1]);
+        drop(held);
+        writer.join().unwrap();
+        assert_eq!(s.counters().push_blocked, 1);
+        let b = s.next_batch_blocking().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[2, 3]);
+        drop(b);
+        let b = s.next_batch_blocking().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5]);
+    }
+
+    #[test]
+    fn close_hands_out_partial_then_none() {
+        let s = Store::new(spec(), 4, 3).unwrap();
+        let all: Vec<u8> = (0..6).flat_map(payload).collect();
+        s.write_blocking(&all).unwrap();
+        s.close();
+        assert!(matches!(s.write_blocking(&payload(9)), Err(Error::Shutdown)));
+        let b = s.next_batch_blocking().unwrap();
+        assert!(!b.is_partial());
+        drop(b);
+        let b = s.next_batch_blocking().unwrap();
+        assert!(b.is_partial());
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5]);
+        drop(b);
+        assert!(s.next_batch_blocking().is_none());
+    }
+
+    #[test]
+    fn wrong_sizes_are_refused() {
+        let s = Store::new(spec(), 4, 2).unwrap();
+        assert!(matches!(
+            s.write_blocking(&[0; 13]),
+            Err(Error::PayloadSize { expected: 12, got: 13 })
+        ));
+        assert!(Store::new(spec(), 0, 2).is_err());
+        assert!(Store::new(spec(), 4, 1).is_err());
+        assert!(Store::new(Spec::bytes(u32::MAX).unwrap(), usize::MAX / 2, 4).is_err());
+    }
+
+    #[test]
+    fn concurrent_writers_exactly_once() {
+        const WRITERS: u32 = 4;
+        const PER: u32 = 50_000;
+        let s = Store::new(spec(), 64, 3).unwrap();
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut i = 0;
+                    while i < PER {
+                        // Vary write sizes so reservations straddle batch boundaries.
+                        let n = (1 + (i % 7)).min(PER - i);
+                        buf.clear();
+                        for k in i..i + n {
+                            buf.extend_from_slice(&payload(w * PER + k));
+                        }
+                        s.write_blocking(&buf).unwrap();
+                        i += n;
+                    }
+                })
+            })
+            .collect();
+        let closer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for h in handles {
+                    h.join().unwrap();
+                }
+                s.close();
+            })
+        };
+        let mut seen = HashSet::new();
+        let mut last = vec![None::<u32>; WRITERS as usize];
+        while let Some(b) = s.next_batch_blocking() {
+            let ids = b.leaf(0).as_slice::<u32>().unwrap();
+            let xs = b.leaf(1).as_slice::<f32>().unwrap();
+            for (k, &id) in ids.iter().enumerate() {
+                assert!(seen.insert(id), "duplicate {id}");
+                assert_eq!(xs[2 * k], id as f32);
+                let w = (id / PER) as usize;
+                assert!(last[w].is_none_or(|l| l < id), "writer order broken");
+                last[w] = Some(id);
+            }
+        }
+        closer.join().unwrap();
+        assert_eq!(seen.len(), (WRITERS * PER) as usize);
+    }
+}

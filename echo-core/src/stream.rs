@@ -1,0 +1,485 @@
+//! Wire v1 over any byte stream: the server side ([`serve_stream`], [`spawn_acceptor`])
+//! and the client side ([`StreamClient`]). TCP, Unix sockets, QUIC streams and the
+//! in-memory transport all run on these, so there is one framing in the project.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::timeout;
+
+use crate::ingress::{Connection, Ingress, ShutdownSignal};
+use crate::spec::Spec;
+use crate::transport::{Client, ClientOptions, ClientStats};
+use crate::window::InflightWindow;
+use crate::wire::{self, Decoded, HandshakeDecoder, WireError, ACKS, CLIENT_HELLO};
+use crate::{Error, Result};
+
+/// How a served stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The peer closed between payloads.
+    Eof,
+    /// The peer closed inside a payload; that partial payload was discarded.
+    EofMidPayload {
+        /// Bytes of the discarded partial payload.
+        discarded: usize,
+    },
+    /// The server or transport is shutting down.
+    Shutdown,
+}
+
+/// A stop signal for one transport's tasks, independent of the server's.
+#[derive(Debug)]
+pub struct Stopper(watch::Sender<bool>);
+
+impl Default for Stopper {
+    fn default() -> Self {
+        Stopper(watch::channel(false).0)
+    }
+}
+
+impl Stopper {
+    /// A signal that fires when [`stop`](Self::stop) is called.
+    pub fn signal(&self) -> ShutdownSignal {
+        ShutdownSignal::from_watch(self.0.subscribe())
+    }
+
+    /// Fires the signal.
+    pub fn stop(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
+    tokio::select! {
+        _ = a.wait() => {},
+        _ = b.wait() => {},
+    }
+}
+
+/// Serves wire v1 on one stream: optional client hello, the handshake, then
+/// payloads in, acks out, until EOF or `stop`/server shutdown.
+///
+/// Reads are amortised: after each read, whatever else the stream already has is
+/// read too (until the receive buffer is full), every whole payload is queued in
+/// one push, and their acks go out in one write.
+pub async fn serve_stream<R, W>(
+    mut reader: R,
+    mut writer: W,
+    mut conn: Connection,
+    expect_hello: bool,
+    mut stop: ShutdownSignal,
+) -> Result<StreamEnd>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let mut server_stop = conn.shutdown_signal();
+    let limit = conn.limits().handshake_timeout;
+    if expect_hello {
+        let mut hello = [0u8; CLIENT_HELLO.len()];
+        let mut got = 0;
+        let read_hello = async {
+            while got < hello.len() {
+                let n = reader.read(&mut hello[got..]).await?;
+                if n == 0 {
+                    return Err(Error::Wire(WireError::Truncated("client hello")));
+                }
+                got += n;
+                wire::check_hello(&hello[..got])?;
+            }
+            Ok::<_, Error>(())
+        };
+        match timeout(limit, read_hello).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "client hello from {} not received within {limit:?}",
+                    conn.peer()
+                )))
+            }
+        }
+    }
+    let hs = wire::handshake_bytes(&conn.spec().wire());
+    let send_hs = async {
+        writer.write_all(&hs).await?;
+        writer.flush().await
+    };
+    match timeout(limit, send_hs).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(Error::Timeout(format!(
+                "handshake to {} not written within {limit:?}",
+                conn.peer()
+            )))
+        }
+    }
+
+    let mut sp = conn.splitter();
+    loop {
+        let n = tokio::select! {
+            biased;
+            _ = either(&mut server_stop, &mut stop) => return Ok(StreamEnd::Shutdown),
+            r = reader.read(sp.spare()) => r?,
+        };
+        let mut eof = n == 0;
+        sp.commit(n);
+        while !eof && !sp.is_full() {
+            match reader.read(sp.spare()).now_or_never() {
+                Some(Ok(0)) => eof = true,
+                Some(Ok(m)) => sp.commit(m),
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            }
+        }
+        if sp.ready() > 0 {
+            let chunk = sp.take(conn.buffer());
+            let mut left = match conn.push(chunk).await {
+                Ok(n) => n,
+                Err(Error::Shutdown) => return Ok(StreamEnd::Shutdown),
+                Err(e) => return Err(e),
+            };
+            let ack = async {
+                while left > 0 {
+                    let k = left.min(ACKS.len());
+                    writer.write_all(&ACKS[..k]).await?;
+                    left -= k;
+                }
+                writer.flush().await
+            };
+            tokio::select! {
+                biased;
+                _ = either(&mut server_stop, &mut stop) => return Ok(StreamEnd::Shutdown),
+                r = ack => r?,
+            }
+        }
+        if eof {
+            let partial = sp.partial_len();
+            let _ = timeout(std::time::Duration::from_secs(1), writer.shutdown()).await;
+            return Ok(if partial > 0 {
+                StreamEnd::EofMidPayload { discarded: partial }
+            } else {
+                StreamEnd::Eof
+            });
+        }
+    }
+}
+
+/// Something that accepts byte streams: a TCP or Unix listener, an in-memory one.
+#[async_trait]
+pub trait Accept: Send + 'static {
+    /// The read half.
+    type Reader: AsyncRead + Unpin + Send + 'static;
+    /// The write half.
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    /// Accepts the next peer: its halves and a name for logs.
+    async fn accept(&mut self) -> io::Result<(Self::Reader, Self::Writer, String)>;
+}
+
+/// A running accept loop; [`shutdown`](Self::shutdown) stops it and its connections.
+#[derive(Debug)]
+pub struct AcceptorHandle {
+    stopper: Stopper,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AcceptorHandle {
+    /// Stops accepting, stops every connection it served, and waits for them.
+    pub async fn shutdown(&self) {
+        self.stopper.stop();
+        if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Spawns an accept loop serving wire v1 on each accepted stream, feeding `ingress`
+/// under the transport name `scheme`. A peer over `max_connections` is closed at once.
+pub fn spawn_acceptor<A: Accept>(
+    scheme: &'static str,
+    mut acceptor: A,
+    ingress: Ingress,
+    expect_hello: bool,
+) -> AcceptorHandle {
+    let stopper = Stopper::default();
+    let mut stop = stopper.signal();
+    let conn_stop = stopper.signal();
+    let task = tokio::spawn(async move {
+        let mut server_stop = ingress.shutdown_signal();
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = either(&mut server_stop, &mut stop) => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                accepted = acceptor.accept() => match accepted {
+                    Ok((r, w, peer)) => match ingress.open(scheme, peer.clone()) {
+                        Ok(conn) => {
+                            let stop = conn_stop.clone();
+                            tasks.spawn(async move {
+                                match serve_stream(r, w, conn, expect_hello, stop).await {
+                                    Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
+                                        "{scheme} {peer}: closed mid-payload, {discarded} bytes discarded"
+                                    ),
+                                    Ok(_) => tracing::debug!("{scheme} {peer}: closed"),
+                                    Err(e) => tracing::info!("{scheme} {peer}: {e}"),
+                                }
+                            });
+                        }
+                        Err(e) => tracing::warn!("{scheme}: refused {peer}: {e}"),
+                    },
+                    Err(e) => {
+                        tracing::warn!("{scheme}: accept failed: {e}");
+                        // Back off briefly (e.g. out of file descriptors).
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                },
+            }
+        }
+        drop(acceptor);
+        stop_all(&mut tasks).await;
+    });
+    AcceptorHandle {
+        stopper,
+        task: tokio::sync::Mutex::new(Some(task)),
+    }
+}
+
+async fn stop_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Reads the server's handshake and checks it against `spec`.
+async fn read_handshake<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    spec: &Spec,
+    peer: &str,
+) -> Result<()> {
+    let mut dec = HandshakeDecoder::new(Default::default());
+    let mut buf = [0u8; 1024];
+    let got = loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Err(Error::closed(format!(
+                "{peer} closed the connection during the handshake"
+            )));
+        }
+        match dec.feed(&buf[..n])? {
+            Decoded::NeedMore => continue,
+            Decoded::Done { spec, used } => {
+                if used < n {
+                    return Err(Error::Wire(WireError::UnexpectedAckByte { got: buf[used] }));
+                }
+                break spec;
+            }
+        }
+    };
+    got.check_matches(&spec.wire())
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    state: Mutex<OutState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct OutState {
+    buf: Vec<u8>,
+    closing: bool,
+}
+
+/// A wire v1 client over any byte stream; TCP, Unix and QUIC clients wrap it.
+///
+/// `send` copies the payload into an outgoing buffer that a writer task flushes;
+/// payloads queued while a write is under way go out together in the next one.
+#[derive(Debug)]
+pub struct StreamClient {
+    peer: String,
+    payload_size: usize,
+    window: Arc<InflightWindow>,
+    outbox: Arc<Outbox>,
+    writer: Option<JoinHandle<()>>,
+    reader: JoinHandle<()>,
+    closed: bool,
+}
+
+impl StreamClient {
+    /// Runs the client side of wire v1 on a connected stream: optional hello,
+    /// the server's handshake (checked against `spec`), then payloads and acks.
+    pub async fn connect<R, W>(
+        mut reader: R,
+        mut writer: W,
+        spec: &Spec,
+        options: &ClientOptions,
+        send_hello: bool,
+        peer: String,
+    ) -> Result<StreamClient>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        options.validate()?;
+        let setup = async {
+            if send_hello {
+                writer.write_all(&CLIENT_HELLO).await?;
+                writer.flush().await?;
+            }
+            read_handshake(&mut reader, spec, &peer).await
+        };
+        match timeout(options.connect_timeout, setup).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "no handshake from {peer} within {:?}",
+                    options.connect_timeout
+                )))
+            }
+        }
+        let window = Arc::new(InflightWindow::new(options.max_inflight));
+        let outbox = Arc::new(Outbox::default());
+        let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone()));
+        let writer = tokio::spawn(write_out(writer, outbox.clone(), window.clone(), peer.clone()));
+        Ok(StreamClient {
+            peer,
+            payload_size: spec.payload_size(),
+            window,
+            outbox,
+            writer: Some(writer),
+            reader,
+            closed: false,
+        })
+    }
+
+    /// The window (for latency histograms).
+    pub fn window(&self) -> &InflightWindow {
+        &self.window
+    }
+}
+
+async fn read_acks<R: AsyncRead + Unpin>(mut reader: R, window: Arc<InflightWindow>, peer: String) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) => {
+                window.close(format!("{peer} closed the connection"));
+                return;
+            }
+            Ok(n) => {
+                if let Some(&b) = buf[..n].iter().find(|&&b| b != wire::ACK) {
+                    window.close(WireError::UnexpectedAckByte { got: b }.to_string());
+                    return;
+                }
+                if let Err(e) = window.ack(n as u64) {
+                    tracing::warn!("{peer}: {e}");
+                    return;
+                }
+            }
+            Err(e) => {
+                window.close(format!("connection to {peer} lost: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+async fn write_out<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    outbox: Arc<Outbox>,
+    window: Arc<InflightWindow>,
+    peer: String,
+) {
+    let mut local = Vec::new();
+    loop {
+        outbox.notify.notified().await;
+        let closing = {
+            let mut st = outbox.state.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut st.buf, &mut local);
+            st.closing
+        };
+        if !local.is_empty() {
+            let r = async {
+                writer.write_all(&local).await?;
+                writer.flush().await
+            }
+            .await;
+            if let Err(e) = r {
+                window.close(format!("connection to {peer} lost: {e}"));
+                return;
+            }
+            local.clear();
+        }
+        if closing {
+            let _ = writer.shutdown().await;
+            return;
+        }
+    }
+}
+
+#[async_trait]
+impl Client for StreamClient {
+    fn payload_size(&self) -> usize {
+        self.payload_size
+    }
+
+    async fn send(&mut self, payload: &[u8]) -> Result<()> {
+        if self.closed {
+            return Err(Error::closed(format!("client for {} is closed", self.peer)));
+        }
+        if payload.len() != self.payload_size {
+            return Err(Error::PayloadSize {
+                expected: self.payload_size,
+                got: payload.len(),
+            });
+        }
+        self.window.acquire(1).await?;
+        self.outbox
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .buf
+            .extend_from_slice(payload);
+        self.outbox.notify.notify_one();
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> Result<()> {
+        self.window.wait_all().await
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        self.outbox
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closing = true;
+        self.outbox.notify.notify_one();
+        if let Some(w) = self.writer.take() {
+            let _ = w.await;
+        }
+        self.reader.abort();
+        self.window.close(format!("client for {} is closed", self.peer));
+        Ok(())
+    }
+
+    fn stats(&self) -> ClientStats {
+        self.window.stats()
+    }
+}
+
+impl Drop for StreamClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+        if let Some(w) = self.writer.take() {
+            w.abort();
+        }
+    }
+}

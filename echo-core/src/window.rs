@@ -1,0 +1,218 @@
+//! The in-flight window every client shares: at most `max_inflight` payloads
+//! unacknowledged, `wait` until all are acked, closing, and ack latency.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+use crate::metrics::LatencyHistogram;
+use crate::transport::ClientStats;
+use crate::wire::WireError;
+use crate::{Error, Result};
+
+#[derive(Debug)]
+struct State {
+    sent: u64,
+    acked: u64,
+    closed: Option<String>,
+    send_times: VecDeque<Instant>,
+    latency: LatencyHistogram,
+}
+
+/// Flow control for one client connection (or one stream of it).
+#[derive(Debug)]
+pub struct InflightWindow {
+    max: usize,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+impl InflightWindow {
+    /// A window allowing `max_inflight` unacknowledged payloads.
+    pub fn new(max_inflight: usize) -> Self {
+        InflightWindow {
+            max: max_inflight.max(1),
+            state: Mutex::new(State {
+                sent: 0,
+                acked: 0,
+                closed: None,
+                send_times: VecDeque::with_capacity(max_inflight.max(1)),
+                latency: LatencyHistogram::default(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for room for `n` payloads (n <= max) and counts them as sent.
+    pub async fn acquire(&self, n: usize) -> Result<()> {
+        let n = n.clamp(1, self.max);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(reason) = &st.closed {
+                    return Err(Error::closed(reason.clone()));
+                }
+                if (st.sent - st.acked) as usize + n <= self.max {
+                    st.sent += n as u64;
+                    let now = Instant::now();
+                    for _ in 0..n {
+                        st.send_times.push_back(now);
+                    }
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Gives back `n` payloads acquired but never sent (a failed write).
+    pub fn unsend(&self, n: usize) {
+        let mut st = self.lock();
+        let n = (n as u64).min(st.sent - st.acked);
+        st.sent -= n;
+        for _ in 0..n {
+            st.send_times.pop_back();
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Counts `n` acks; more acks than payloads sent is a protocol error.
+    pub fn ack(&self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut st = self.lock();
+        if st.acked + n > st.sent {
+            let e = WireError::TooManyAcks {
+                got: st.acked + n,
+                sent: st.sent,
+            };
+            st.closed.get_or_insert_with(|| e.to_string());
+            drop(st);
+            self.changed.notify_waiters();
+            return Err(e.into());
+        }
+        st.acked += n;
+        let now = Instant::now();
+        for _ in 0..n {
+            if let Some(t) = st.send_times.pop_front() {
+                st.latency.record(now - t);
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Marks the window closed (keeps the first reason); pending and later
+    /// `acquire` calls fail with `ConnectionClosed`.
+    pub fn close(&self, reason: impl Into<String>) {
+        let mut st = self.lock();
+        if st.closed.is_none() {
+            st.closed = Some(reason.into());
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// True once closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
+    /// Fails with `ConnectionClosed` if closed.
+    pub fn check_open(&self) -> Result<()> {
+        match &self.lock().closed {
+            Some(r) => Err(Error::closed(r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Payloads sent and not yet acknowledged.
+    pub fn inflight(&self) -> usize {
+        let st = self.lock();
+        (st.sent - st.acked) as usize
+    }
+
+    /// Waits until every payload sent is acknowledged; fails with
+    /// `ConnectionClosed` if the connection closes first.
+    pub async fn wait_all(&self) -> Result<()> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.sent == st.acked {
+                    return Ok(());
+                }
+                if let Some(reason) = &st.closed {
+                    return Err(Error::closed(format!(
+                        "{reason} ({} payloads unacknowledged)",
+                        st.sent - st.acked
+                    )));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Counters and latency percentiles.
+    pub fn stats(&self) -> ClientStats {
+        let st = self.lock();
+        ClientStats {
+            sent: st.sent,
+            acked: st.acked,
+            ack_latency: st.latency.summary(),
+        }
+    }
+
+    /// A copy of the latency histogram (to merge several clients').
+    pub fn latency(&self) -> LatencyHistogram {
+        self.lock().latency.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn blocks_at_max_and_resumes_on_ack() {
+        let w = Arc::new(InflightWindow::new(2));
+        w.acquire(1).await.unwrap();
+        w.acquire(1).await.unwrap();
+        let w2 = w.clone();
+        let t = tokio::spawn(async move { w2.acquire(1).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!t.is_finished());
+        w.ack(1).unwrap();
+        t.await.unwrap().unwrap();
+        assert_eq!(w.inflight(), 2);
+        assert!(w.ack(3).is_err(), "more acks than sent");
+        assert!(w.acquire(1).await.unwrap_err().is_closed());
+    }
+
+    #[tokio::test]
+    async fn wait_all_fails_when_closed_with_inflight() {
+        let w = InflightWindow::new(4);
+        w.wait_all().await.unwrap();
+        w.acquire(1).await.unwrap();
+        w.close("peer left");
+        let e = w.wait_all().await.unwrap_err();
+        assert!(e.is_closed() && e.to_string().contains("1 payloads unacknowledged"), "{e}");
+        assert_eq!(w.stats().sent, 1);
+    }
+}

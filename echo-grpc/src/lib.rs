@@ -1,0 +1,1 @@
+//! The grpc transport for echo (in progress).

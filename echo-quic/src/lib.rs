@@ -1,0 +1,1 @@
+//! The quic transport for echo (in progress).

@@ -1,0 +1,1 @@
+//! The tcp transport for echo (in progress).
