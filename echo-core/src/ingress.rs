@@ -521,7 +521,10 @@ mod tests {
         let ing = Ingress::start(store, limits, 1).unwrap();
         let c = ing.open("t", "first").unwrap();
         let e = ing.open("t", "second").unwrap_err();
-        assert!(e.to_string().contains("connection limit reached (1 open)"), "{e}");
+        assert!(
+            e.to_string().contains("connection limit reached (1 open)"),
+            "{e}"
+        );
         drop(c);
         let mut c = ing.open("t", "third").unwrap();
         ing.begin_shutdown();
@@ -538,6 +541,12 @@ mod tests {
         let (_store, ing) = ingress(8);
         let mut c = ing.open("t", "p").unwrap();
         let e = c.push_bytes(Bytes::from_static(&[0; 6])).await.unwrap_err();
-        assert!(matches!(e, Error::PayloadSize { expected: 4, got: 6 }));
+        assert!(matches!(
+            e,
+            Error::PayloadSize {
+                expected: 4,
+                got: 6
+            }
+        ));
     }
 }

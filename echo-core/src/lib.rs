@@ -58,7 +58,9 @@ pub use registry::Registry;
 pub use server::{ListenerInfo, Server, ServerBuilder};
 pub use spec::{DType, Leaf, Spec, SpecError, WireSpec};
 pub use store::{Batch, Element, LeafView};
-pub use transport::{Client, ClientFactory, ClientOptions, ClientStats, Transport, TransportFactory};
+pub use transport::{
+    Client, ClientFactory, ClientOptions, ClientStats, Transport, TransportFactory,
+};
 pub use url::Url;
 pub use window::InflightWindow;
 

@@ -41,7 +41,11 @@ fn name_of(url: &Url) -> Result<String> {
 
 /// Registers `mem` in `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {
-    registry.register("mem", Arc::new(MemTransportFactory), Arc::new(MemClientFactory))
+    registry.register(
+        "mem",
+        Arc::new(MemTransportFactory),
+        Arc::new(MemClientFactory),
+    )
 }
 
 /// Binds `mem://NAME` listeners.
@@ -122,6 +126,32 @@ impl Transport for MemTransport {
     }
 }
 
+/// Opens a raw in-memory byte stream to a `mem://NAME` listener (below the wire
+/// protocol; for tests that need to misbehave).
+pub async fn raw_connect(url: &str) -> Result<(ReadHalf<DuplexStream>, WriteHalf<DuplexStream>)> {
+    let url = crate::registry::parse_url(url)?;
+    let name = name_of(&url)?;
+    let tx = listeners()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| {
+            Error::Io(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("nothing listens on mem://{name}"),
+            ))
+        })?;
+    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    tx.send(theirs).await.map_err(|_| {
+        Error::Io(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("mem://{name} stopped listening"),
+        ))
+    })?;
+    Ok(tokio::io::split(ours))
+}
+
 #[async_trait]
 impl ClientFactory for MemClientFactory {
     async fn connect(
@@ -130,27 +160,8 @@ impl ClientFactory for MemClientFactory {
         spec: &Spec,
         options: &ClientOptions,
     ) -> Result<Box<dyn Client>> {
-        let name = name_of(url)?;
-        let tx = listeners()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::Io(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("nothing listens on mem://{name}"),
-                ))
-            })?;
-        let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-        tx.send(theirs).await.map_err(|_| {
-            Error::Io(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("mem://{name} stopped listening"),
-            ))
-        })?;
-        let (r, w) = tokio::io::split(ours);
-        let client = StreamClient::connect(r, w, spec, options, false, format!("mem://{name}")).await?;
+        let (r, w) = raw_connect(url.as_str()).await?;
+        let client = StreamClient::connect(r, w, spec, options, false, url.to_string()).await?;
         Ok(Box::new(client))
     }
 }

@@ -107,7 +107,9 @@ mod tests {
         let mut r = Registry::with_core();
         let e = crate::mem::register(&mut r).unwrap_err();
         assert!(matches!(e, Error::DuplicateScheme(ref s) if s == "mem"));
-        let e = r.entry(&parse_url("carrier-pigeon://x:1").unwrap()).unwrap_err();
+        let e = r
+            .entry(&parse_url("carrier-pigeon://x:1").unwrap())
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "no transport registered for scheme \"carrier-pigeon\"; registered: mem"

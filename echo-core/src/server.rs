@@ -323,7 +323,10 @@ mod tests {
         assert_eq!(&b.leaf(0).bytes()[..], &data[..12]);
         drop(b);
         server.shutdown().await.unwrap();
-        assert!(matches!(server.submit(&data[..3]).await, Err(Error::Shutdown)));
+        assert!(matches!(
+            server.submit(&data[..3]).await,
+            Err(Error::Shutdown)
+        ));
         let b = server.next_batch().await.unwrap();
         assert!(b.is_partial());
         assert_eq!(b.leaf(0).bytes(), &data[12..]);

@@ -32,7 +32,10 @@ pub enum SpecError {
         got: String,
     },
     /// A dimension that does not fit the wire's u32.
-    #[error("leaf `{leaf}`: dimension {got} does not fit in u32 (max {})", u32::MAX)]
+    #[error(
+        "leaf `{leaf}`: dimension {got} does not fit in u32 (max {})",
+        u32::MAX
+    )]
     DimTooLarge {
         /// The leaf.
         leaf: String,
@@ -388,7 +391,12 @@ fn is_leaf(v: &Value) -> bool {
     matches!(v, Value::Object(m) if m.get("dtype").is_some_and(Value::is_string) && m.get("shape").is_some_and(Value::is_array))
 }
 
-fn flatten(v: &Value, prefix: &mut String, out: &mut Vec<Leaf>, depth: usize) -> Result<(), SpecError> {
+fn flatten(
+    v: &Value,
+    prefix: &mut String,
+    out: &mut Vec<Leaf>,
+    depth: usize,
+) -> Result<(), SpecError> {
     if depth > MAX_JSON_DEPTH {
         return Err(SpecError::Json(format!(
             "at `{prefix}`: nested deeper than {MAX_JSON_DEPTH} levels"
@@ -405,7 +413,9 @@ fn flatten(v: &Value, prefix: &mut String, out: &mut Vec<Leaf>, depth: usize) ->
         )));
     };
     if map.is_empty() && depth > 0 {
-        return Err(SpecError::Json(format!("at `{prefix}`: empty object has no leaves")));
+        return Err(SpecError::Json(format!(
+            "at `{prefix}`: empty object has no leaves"
+        )));
     }
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
@@ -431,7 +441,12 @@ fn parse_leaf(name: &str, v: &Value) -> Result<Leaf, SpecError> {
             leaf: name.to_string(),
             got,
         })?,
-        Some(other) => return Err(err(format!("expected \"dtype\" to be a string, got {}", kind(other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "expected \"dtype\" to be a string, got {}",
+                kind(other)
+            )))
+        }
         None => return Err(err("missing \"dtype\"".into())),
     };
     let shape = match obj.get("shape") {
@@ -449,7 +464,9 @@ fn parse_leaf(name: &str, v: &Value) -> Result<Leaf, SpecError> {
                             got: n.to_string(),
                         }
                     } else {
-                        err(format!("expected a dimension to be a non-negative integer, got {n}"))
+                        err(format!(
+                            "expected a dimension to be a non-negative integer, got {n}"
+                        ))
                     }),
                 },
                 other => Err(err(format!(
@@ -458,7 +475,12 @@ fn parse_leaf(name: &str, v: &Value) -> Result<Leaf, SpecError> {
                 ))),
             })
             .collect::<Result<Vec<u32>, SpecError>>()?,
-        Some(other) => return Err(err(format!("expected \"shape\" to be a list, got {}", kind(other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "expected \"shape\" to be a list, got {}",
+                kind(other)
+            )))
+        }
         None => return Err(err("missing \"shape\"".into())),
     };
     Ok(Leaf {
@@ -569,15 +591,24 @@ mod tests {
         let e = Spec::from_json(r#"{"x": {"shape": [0, 3], "dtype": "float32"}}"#).unwrap_err();
         assert_eq!(e, SpecError::ZeroBytes { leaf: "x".into() });
         let e = Spec::from_json(r#"{"x": {"shape": [3], "dtype": "float8"}}"#).unwrap_err();
-        assert!(matches!(&e, SpecError::UnknownDtype { leaf, got } if leaf == "x" && got == "float8"));
+        assert!(
+            matches!(&e, SpecError::UnknownDtype { leaf, got } if leaf == "x" && got == "float8")
+        );
         assert!(e.to_string().contains("float32"), "{e}");
-        let e = Spec::from_json(r#"{"a": {"b": {"shape": [4294967296], "dtype": "uint8"}}}"#).unwrap_err();
-        assert!(matches!(&e, SpecError::DimTooLarge { leaf, .. } if leaf == "a.b"), "{e}");
+        let e = Spec::from_json(r#"{"a": {"b": {"shape": [4294967296], "dtype": "uint8"}}}"#)
+            .unwrap_err();
+        assert!(
+            matches!(&e, SpecError::DimTooLarge { leaf, .. } if leaf == "a.b"),
+            "{e}"
+        );
         let e = Spec::from_json(
             r#"{"big": {"shape": [4294967295, 4294967295, 4294967295], "dtype": "float64"}}"#,
         )
         .unwrap_err();
-        assert!(matches!(&e, SpecError::Overflow { leaf, .. } if leaf == "big"), "{e}");
+        assert!(
+            matches!(&e, SpecError::Overflow { leaf, .. } if leaf == "big"),
+            "{e}"
+        );
         let e = Spec::from_json(
             r#"{"a": {"shape": [4294967295, 4294967295], "dtype": "float64"}, "b": {"shape": [4294967295, 4294967295], "dtype": "float64"}}"#,
         )

@@ -206,7 +206,9 @@ impl Store {
     pub async fn write(&self, payloads: &[u8]) -> Result<()> {
         let mut rest = self.check_len(payloads)?;
         while !rest.is_empty() {
-            let (start, n) = self.inner.reserve(rest.len() / self.inner.spec.payload_size())?;
+            let (start, n) = self
+                .inner
+                .reserve(rest.len() / self.inner.spec.payload_size())?;
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
             loop {
@@ -232,7 +234,9 @@ impl Store {
     pub fn write_blocking(&self, payloads: &[u8]) -> Result<()> {
         let mut rest = self.check_len(payloads)?;
         while !rest.is_empty() {
-            let (start, n) = self.inner.reserve(rest.len() / self.inner.spec.payload_size())?;
+            let (start, n) = self
+                .inner
+                .reserve(rest.len() / self.inner.spec.payload_size())?;
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
             loop {
@@ -352,7 +356,10 @@ impl Inner {
             }
             let boundary = (cur / bs + 1) * bs;
             let n = (want as u64).min(boundary - cur);
-            match self.next.compare_exchange_weak(cur, cur + n, AcqRel, Relaxed) {
+            match self
+                .next
+                .compare_exchange_weak(cur, cur + n, AcqRel, Relaxed)
+            {
                 Ok(_) => return Ok((cur, n as usize)),
                 Err(actual) => cur = actual,
             }
@@ -525,7 +532,12 @@ impl Batch {
 
     /// The leaf with this name.
     pub fn leaf_by_name(&self, name: &str) -> Option<LeafView<'_>> {
-        let i = self.store.spec.leaves().iter().position(|l| l.name == name)?;
+        let i = self
+            .store
+            .spec
+            .leaves()
+            .iter()
+            .position(|l| l.name == name)?;
         Some(self.leaf(i))
     }
 
@@ -582,7 +594,10 @@ impl<'a> LeafView<'a> {
         }
         let ptr = self.bytes.as_ptr();
         if (ptr as usize) % std::mem::align_of::<T>() != 0 {
-            return Err(Error::Other(format!("leaf `{}` is misaligned", self.leaf.name)));
+            return Err(Error::Other(format!(
+                "leaf `{}` is misaligned",
+                self.leaf.name
+            )));
         }
         // SAFETY: T is a plain numeric type with no invalid bit patterns, the pointer is
         // aligned (checked) and the length is a whole number of elements (itemsize == size_of T).
@@ -690,7 +705,10 @@ mod tests {
         let all: Vec<u8> = (0..6).flat_map(payload).collect();
         s.write_blocking(&all).unwrap();
         s.close();
-        assert!(matches!(s.write_blocking(&payload(9)), Err(Error::Shutdown)));
+        assert!(matches!(
+            s.write_blocking(&payload(9)),
+            Err(Error::Shutdown)
+        ));
         let b = s.next_batch_blocking().unwrap();
         assert!(!b.is_partial());
         drop(b);
@@ -706,7 +724,10 @@ mod tests {
         let s = Store::new(spec(), 4, 2).unwrap();
         assert!(matches!(
             s.write_blocking(&[0; 13]),
-            Err(Error::PayloadSize { expected: 12, got: 13 })
+            Err(Error::PayloadSize {
+                expected: 12,
+                got: 13
+            })
         ));
         assert!(Store::new(spec(), 0, 2).is_err());
         assert!(Store::new(spec(), 4, 1).is_err());

@@ -343,7 +343,12 @@ impl StreamClient {
         let window = Arc::new(InflightWindow::new(options.max_inflight));
         let outbox = Arc::new(Outbox::default());
         let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone()));
-        let writer = tokio::spawn(write_out(writer, outbox.clone(), window.clone(), peer.clone()));
+        let writer = tokio::spawn(write_out(
+            writer,
+            outbox.clone(),
+            window.clone(),
+            peer.clone(),
+        ));
         Ok(StreamClient {
             peer,
             payload_size: spec.payload_size(),
@@ -466,7 +471,8 @@ impl Client for StreamClient {
             let _ = w.await;
         }
         self.reader.abort();
-        self.window.close(format!("client for {} is closed", self.peer));
+        self.window
+            .close(format!("client for {} is closed", self.peer));
         Ok(())
     }
 

@@ -58,7 +58,9 @@ impl ClientOptions {
     /// Checks the values.
     pub fn validate(&self) -> Result<()> {
         if self.max_inflight == 0 {
-            return Err(Error::Config("max_inflight must be at least 1, got 0".into()));
+            return Err(Error::Config(
+                "max_inflight must be at least 1, got 0".into(),
+            ));
         }
         Ok(())
     }
@@ -68,8 +70,12 @@ impl ClientOptions {
 #[async_trait]
 pub trait ClientFactory: Send + Sync + Debug {
     /// Connects to `url`, checking that the server's spec is `spec`.
-    async fn connect(&self, url: &Url, spec: &Spec, options: &ClientOptions)
-        -> Result<Box<dyn Client>>;
+    async fn connect(
+        &self,
+        url: &Url,
+        spec: &Spec,
+        options: &ClientOptions,
+    ) -> Result<Box<dyn Client>>;
 }
 
 /// What a client has done so far.
@@ -121,10 +127,13 @@ where
 
 /// A URL's `host:port`, with a clear error when either is missing.
 pub fn host_port(url: &Url) -> Result<(String, u16)> {
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| Error::Url {
-        url: url.to_string(),
-        reason: "expected a host, as in scheme://127.0.0.1:port".into(),
-    })?;
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| Error::Url {
+            url: url.to_string(),
+            reason: "expected a host, as in scheme://127.0.0.1:port".into(),
+        })?;
     let port = url.port().ok_or_else(|| Error::Url {
         url: url.to_string(),
         reason: "expected a port (0 binds an ephemeral one)".into(),

@@ -212,7 +212,10 @@ mod tests {
         w.acquire(1).await.unwrap();
         w.close("peer left");
         let e = w.wait_all().await.unwrap_err();
-        assert!(e.is_closed() && e.to_string().contains("1 payloads unacknowledged"), "{e}");
+        assert!(
+            e.is_closed() && e.to_string().contains("1 payloads unacknowledged"),
+            "{e}"
+        );
         assert_eq!(w.stats().sent, 1);
     }
 }

@@ -229,7 +229,9 @@ pub fn parse_handshake(
     let mut leaves = Vec::with_capacity(n as usize);
     let mut total: Option<usize> = Some(0);
     for i in 0..n {
-        let Some(itemsize) = r.u32() else { return Ok(None) };
+        let Some(itemsize) = r.u32() else {
+            return Ok(None);
+        };
         let Some(ndim) = r.u32() else { return Ok(None) };
         if ndim > limits.max_ndim {
             return Err(WireError::TooManyDims {
@@ -506,7 +508,10 @@ mod tests {
         let e = parse_handshake(b"HTTP/1.1", &lim).unwrap_err();
         assert!(e.to_string().contains("is the peer an echo server?"), "{e}");
         assert!(matches!(parse_handshake(b"EC", &lim), Ok(None)));
-        assert!(matches!(parse_handshake(b"EX", &lim), Err(WireError::BadMagic { .. })));
+        assert!(matches!(
+            parse_handshake(b"EX", &lim),
+            Err(WireError::BadMagic { .. })
+        ));
         assert_eq!(
             parse_handshake(b"ECHO\x02", &lim).unwrap_err(),
             WireError::BadVersion { got: 2 }
@@ -515,7 +520,10 @@ mod tests {
         b.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(
             parse_handshake(&b, &lim).unwrap_err(),
-            WireError::TooManyLeaves { got: u32::MAX, max: 4 }
+            WireError::TooManyLeaves {
+                got: u32::MAX,
+                max: 4
+            }
         );
         let mut b = b"ECHO\x01".to_vec();
         b.extend_from_slice(&0u32.to_le_bytes());
@@ -526,7 +534,11 @@ mod tests {
         }
         assert!(matches!(
             parse_handshake(&b, &lim).unwrap_err(),
-            WireError::TooManyDims { leaf: 0, got: 9, max: 3 }
+            WireError::TooManyDims {
+                leaf: 0,
+                got: 9,
+                max: 3
+            }
         ));
         let mut b = b"ECHO\x01".to_vec();
         for x in [1u32, 4, 2, 100, 100] {
@@ -534,21 +546,34 @@ mod tests {
         }
         assert!(matches!(
             parse_handshake(&b, &lim).unwrap_err(),
-            WireError::PayloadTooLarge { got: Some(40000), max: 1000 }
+            WireError::PayloadTooLarge {
+                got: Some(40000),
+                max: 1000
+            }
         ));
         let mut b = b"ECHO\x01".to_vec();
         for x in [1u32, u32::MAX, 3, u32::MAX, u32::MAX, u32::MAX] {
             b.extend_from_slice(&x.to_le_bytes());
         }
         assert!(matches!(
-            parse_handshake(&b, &HandshakeLimits { max_payload: usize::MAX, ..lim }).unwrap_err(),
+            parse_handshake(
+                &b,
+                &HandshakeLimits {
+                    max_payload: usize::MAX,
+                    ..lim
+                }
+            )
+            .unwrap_err(),
             WireError::PayloadTooLarge { got: None, .. }
         ));
         let mut b = b"ECHO\x01".to_vec();
         for x in [1u32, 4, 1, 0] {
             b.extend_from_slice(&x.to_le_bytes());
         }
-        assert_eq!(parse_handshake(&b, &lim).unwrap_err(), WireError::ZeroPayload);
+        assert_eq!(
+            parse_handshake(&b, &lim).unwrap_err(),
+            WireError::ZeroPayload
+        );
     }
 
     #[test]
@@ -580,8 +605,14 @@ mod tests {
     fn ack_counter_is_strict() {
         let mut c = AckCounter::default();
         assert_eq!(c.feed(&[1, 1], 5).unwrap(), 2);
-        assert_eq!(c.feed(&[1, 2], 5).unwrap_err(), WireError::UnexpectedAckByte { got: 2 });
-        assert!(matches!(c.feed(&[1; 4], 5), Err(WireError::TooManyAcks { got: 6, sent: 5 })));
+        assert_eq!(
+            c.feed(&[1, 2], 5).unwrap_err(),
+            WireError::UnexpectedAckByte { got: 2 }
+        );
+        assert!(matches!(
+            c.feed(&[1; 4], 5),
+            Err(WireError::TooManyAcks { got: 6, sent: 5 })
+        ));
     }
 
     fn arb_wire_spec() -> impl Strategy<Value = WireSpec> {
