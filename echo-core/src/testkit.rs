@@ -525,6 +525,41 @@ where
     Ok(())
 }
 
+/// The Python interpreter of the project's venv, for interop tests: `$ECHO_PYTHON`
+/// if set, else `.venv/bin/python` at the workspace root (made by
+/// `scripts/setup-python.sh`). Panics with instructions when it is missing, so a
+/// test that needs Python fails loudly instead of skipping.
+pub fn python_interpreter() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ECHO_PYTHON") {
+        return p.into();
+    }
+    let root = workspace_root();
+    let py = root.join(".venv").join("bin").join("python");
+    assert!(
+        py.exists(),
+        "interop tests need the project's Python venv at {}: run scripts/setup-python.sh \
+         (scripts/test.sh does it) or set ECHO_PYTHON",
+        py.display()
+    );
+    py
+}
+
+/// The workspace root (the directory holding `Cargo.lock`), found from this crate's
+/// manifest directory or the current directory.
+pub fn workspace_root() -> std::path::PathBuf {
+    let start = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut dir = start.as_path();
+    loop {
+        if dir.join("Cargo.lock").exists() || dir.join(".git").exists() {
+            return dir.to_path_buf();
+        }
+        match dir.parent() {
+            Some(p) => dir = p,
+            None => return start,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
