@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod control;
 pub mod error;
 pub mod ingress;
 pub mod mem;
