@@ -74,8 +74,19 @@ struct ConnQueue {
     counters: Arc<TransportCounters>,
 }
 
+/// When an item was queued (only kept with the `latency-metrics` feature).
+#[cfg(feature = "latency-metrics")]
+type Stamp = std::time::Instant;
+#[cfg(not(feature = "latency-metrics"))]
+type Stamp = ();
+
+fn stamp() -> Stamp {
+    #[cfg(feature = "latency-metrics")]
+    return std::time::Instant::now();
+}
+
 struct QueueState {
-    items: VecDeque<Item>,
+    items: VecDeque<(Item, Stamp)>,
     scheduled: bool,
 }
 
@@ -99,6 +110,8 @@ pub(crate) struct IngressInner {
     shutdown_tx: watch::Sender<bool>,
     closing: AtomicBool,
     drain_error: Mutex<Option<String>>,
+    #[cfg(feature = "latency-metrics")]
+    latency: Mutex<crate::metrics::LatencyHistogram>,
 }
 
 /// The handle transports use to feed payloads into the server. Cheap to clone.
@@ -148,6 +161,8 @@ impl Ingress {
             shutdown_tx,
             closing: AtomicBool::new(false),
             drain_error: Mutex::new(None),
+            #[cfg(feature = "latency-metrics")]
+            latency: Mutex::new(Default::default()),
         });
         for i in 0..drainers {
             let inner = inner.clone();
@@ -279,6 +294,14 @@ impl Ingress {
         }
     }
 
+    /// Queue-to-store latency percentiles (feature `latency-metrics`), else `None`.
+    pub(crate) fn latency(&self) -> Option<crate::metrics::LatencySummary> {
+        #[cfg(feature = "latency-metrics")]
+        return Some(lock(&self.inner.latency).summary());
+        #[cfg(not(feature = "latency-metrics"))]
+        None
+    }
+
     /// An error a drainer met (the store refusing writes), if any.
     pub(crate) fn drain_error(&self) -> Option<String> {
         lock(&self.inner.drain_error).clone()
@@ -393,7 +416,7 @@ impl Connection {
         let bytes = item.bytes().len() as u64;
         let schedule = {
             let mut st = lock(&self.queue.state);
-            st.items.push_back(item);
+            st.items.push_back((item, stamp()));
             !std::mem::replace(&mut st.scheduled, true)
         };
         if schedule {
@@ -443,7 +466,7 @@ fn drain(inner: &IngressInner) {
         };
         let Some(queue) = queue else { break };
         let item = lock(&queue.state).items.pop_front();
-        if let Some(item) = item {
+        if let Some((item, _queued_at)) = item {
             if let Err(e) = inner.store.write_blocking(item.bytes()) {
                 let mut err = lock(&inner.drain_error);
                 if err.is_none() {
@@ -451,6 +474,8 @@ fn drain(inner: &IngressInner) {
                     *err = Some(e.to_string());
                 }
             }
+            #[cfg(feature = "latency-metrics")]
+            lock(&inner.latency).record(_queued_at.elapsed());
             if let Item::Chunk(c) = item {
                 let mut pool = lock(&queue.pool);
                 if pool.len() < inner.limits.queue_size + 2 {

@@ -256,7 +256,7 @@ impl Server {
             batches_total: c.batches,
             bytes_received: transports.values().map(|t| t.bytes).sum(),
             transports,
-            ingress_latency: None,
+            ingress_latency: self.inner.ingress.latency(),
         }
     }
 
@@ -320,7 +320,7 @@ mod tests {
         let data: Vec<u8> = (0..18).collect();
         server.submit(&data).await.unwrap();
         let b = server.next_batch().await.unwrap();
-        assert_eq!(&b.leaf(0).bytes()[..], &data[..12]);
+        assert_eq!(b.leaf(0).bytes(), &data[..12]);
         drop(b);
         server.shutdown().await.unwrap();
         assert!(matches!(

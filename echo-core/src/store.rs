@@ -634,7 +634,6 @@ element!(
 mod tests {
     use super::*;
     use crate::spec::Leaf;
-    use std::collections::HashSet;
 
     fn spec() -> Spec {
         Spec::new(vec![
@@ -732,55 +731,5 @@ mod tests {
         assert!(Store::new(spec(), 0, 2).is_err());
         assert!(Store::new(spec(), 4, 1).is_err());
         assert!(Store::new(Spec::bytes(u32::MAX).unwrap(), usize::MAX / 2, 4).is_err());
-    }
-
-    #[test]
-    fn concurrent_writers_exactly_once() {
-        const WRITERS: u32 = 4;
-        const PER: u32 = 50_000;
-        let s = Store::new(spec(), 64, 3).unwrap();
-        let handles: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let mut buf = Vec::new();
-                    let mut i = 0;
-                    while i < PER {
-                        // Vary write sizes so reservations straddle batch boundaries.
-                        let n = (1 + (i % 7)).min(PER - i);
-                        buf.clear();
-                        for k in i..i + n {
-                            buf.extend_from_slice(&payload(w * PER + k));
-                        }
-                        s.write_blocking(&buf).unwrap();
-                        i += n;
-                    }
-                })
-            })
-            .collect();
-        let closer = {
-            let s = s.clone();
-            std::thread::spawn(move || {
-                for h in handles {
-                    h.join().unwrap();
-                }
-                s.close();
-            })
-        };
-        let mut seen = HashSet::new();
-        let mut last = vec![None::<u32>; WRITERS as usize];
-        while let Some(b) = s.next_batch_blocking() {
-            let ids = b.leaf(0).as_slice::<u32>().unwrap();
-            let xs = b.leaf(1).as_slice::<f32>().unwrap();
-            for (k, &id) in ids.iter().enumerate() {
-                assert!(seen.insert(id), "duplicate {id}");
-                assert_eq!(xs[2 * k], id as f32);
-                let w = (id / PER) as usize;
-                assert!(last[w].is_none_or(|l| l < id), "writer order broken");
-                last[w] = Some(id);
-            }
-        }
-        closer.join().unwrap();
-        assert_eq!(seen.len(), (WRITERS * PER) as usize);
     }
 }
