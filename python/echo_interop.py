@@ -333,7 +333,9 @@ def cmd_serve(args) -> int:
     K = args.batches
     if K is None:
         if n_expect is None or n_expect % B:
-            print("FAIL --batches is required unless --expect holds a multiple of --batch-size samples", flush=True)
+            held = "" if n_expect is None else f" ({args.expect} holds {n_expect} samples)"
+            print(f"FAIL --batches is required unless --expect holds a multiple of --batch-size {B} samples{held}",
+                  flush=True)
             return EXIT_CHECK_FAILED
         K = n_expect // B
 
@@ -521,7 +523,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # includes pyo3's PanicException from id-echo
         print(f"ERROR {_oneline(e)}", file=sys.stderr, flush=True)
         return EXIT_EXCEPTION
 
