@@ -13,6 +13,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
 use crate::ingress::{Connection, Ingress, ShutdownSignal};
+use crate::metrics::LatencyHistogram;
 use crate::spec::Spec;
 use crate::transport::{Client, ClientOptions, ClientStats};
 use crate::window::InflightWindow;
@@ -478,6 +479,10 @@ impl Client for StreamClient {
 
     fn stats(&self) -> ClientStats {
         self.window.stats()
+    }
+
+    fn latency_histogram(&self) -> LatencyHistogram {
+        self.window.latency()
     }
 }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use url::Url;
 
 use crate::ingress::Ingress;
-use crate::metrics::LatencySummary;
+use crate::metrics::{LatencyHistogram, LatencySummary};
 use crate::spec::Spec;
 use crate::{Error, Result};
 
@@ -109,6 +109,13 @@ pub trait Client: Send + Sync + Debug {
 
     /// Counters and ack latency.
     fn stats(&self) -> ClientStats;
+
+    /// The full ack-latency histogram, to merge several clients' (clients built on
+    /// [`InflightWindow`](crate::InflightWindow) return `window.latency()`; the
+    /// default is an empty histogram).
+    fn latency_histogram(&self) -> LatencyHistogram {
+        LatencyHistogram::default()
+    }
 }
 
 /// A URL's query parameter parsed as `T`, or `default` when absent.
