@@ -1,0 +1,227 @@
+//! echo-ctl against echo-server, end to end: TCP, Unix stream and Unix datagram
+//! control sockets, exit statuses.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The echo-ctl binary of this build, built by cargo on first use (it is another
+/// package, so cargo does not provide its path to this test).
+fn echo_ctl_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable in <target>/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("target directory");
+        let profile = profile_dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "echo-ctl", "--bin", "echo-ctl"])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        match profile.as_str() {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        let status = cmd.status().expect("run cargo build -p echo-ctl");
+        assert!(status.success(), "cargo build -p echo-ctl failed: {status}");
+        let bin = profile_dir.join("echo-ctl");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+}
+
+/// A running echo-server, terminated on drop.
+struct EchoServer {
+    child: Child,
+    lines: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl EchoServer {
+    /// Starts echo-server with `args` and waits for `n` start-up lines on stdout.
+    fn start(args: &[&str], n: usize) -> EchoServer {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("spec.json");
+        std::fs::write(
+            &spec,
+            r#"{"obs": {"shape": [4], "dtype": "float32"}, "reward": {"shape": [], "dtype": "float32"}}"#,
+        )
+        .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_echo-server"))
+            .arg("--spec")
+            .arg(&spec)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start echo-server");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while lines.len() < n {
+            match rx.recv_timeout(WAIT) {
+                Ok(l) => lines.push(l),
+                Err(e) => panic!("echo-server printed {lines:?}, then {e:?}"),
+            }
+        }
+        EchoServer {
+            child,
+            lines,
+            _dir: dir,
+        }
+    }
+
+    fn line(&self, prefix: &str) -> String {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {:?}", self.lines))
+            .to_string()
+    }
+
+    fn terminate(mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "echo-server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn echo_ctl(args: &[&str]) -> Output {
+    let child = Command::new(echo_ctl_bin())
+        .args(args)
+        .env("ECHO_CTL_TIMEOUT", "20")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start echo-ctl");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(WAIT)
+        .expect("echo-ctl did not exit in time")
+        .expect("echo-ctl output")
+}
+
+fn text(b: &[u8]) -> &str {
+    std::str::from_utf8(b).expect("utf-8 output")
+}
+
+#[test]
+fn tcp_control_round_trips() {
+    let server = EchoServer::start(&["--listen", "mem://ctl-tcp", "--control", "0"], 2);
+    let port = server.line("control ");
+    let out = echo_ctl(&[&port, "health"]);
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("ok\n", ""));
+    assert_eq!(out.status.code(), Some(0));
+
+    let out = echo_ctl(&[&port, "stats", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["samples_inserted_total"], 0);
+    assert_eq!(v["server"]["payload_size"], 20);
+
+    let out = echo_ctl(&[&port, "--host", "127.0.0.1", "listeners"]);
+    assert_eq!(text(&out.stdout), "mem://ctl-tcp\n");
+
+    let out = echo_ctl(&[&port, "launch", "rockets"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = text(&out.stderr);
+    assert!(err.contains("\"launch\"") && err.contains("help"), "{err}");
+
+    let status = server.terminate();
+    assert!(status.success(), "{status}");
+    // The server is gone: echo-ctl says so with status 3.
+    let out = echo_ctl(&[&port, "health"]);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn unix_stream_and_datagram_control_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let stream = dir.path().join("ctl.sock");
+    let dgram = dir.path().join("ctl.dgram");
+    let server = EchoServer::start(
+        &[
+            "--listen",
+            "mem://ctl-unix",
+            "--control",
+            stream.to_str().unwrap(),
+            "--control-dgram",
+            dgram.to_str().unwrap(),
+        ],
+        3,
+    );
+    assert_eq!(server.line("control "), stream.to_str().unwrap());
+    assert_eq!(server.line("control-dgram "), dgram.to_str().unwrap());
+
+    let out = echo_ctl(&[stream.to_str().unwrap(), "spec", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "obs");
+    assert_eq!(v[1]["name"], "reward");
+
+    let out = echo_ctl(&["--dgram", dgram.to_str().unwrap(), "health"]);
+    assert_eq!((text(&out.stdout), text(&out.stderr)), ("ok\n", ""));
+    assert_eq!(out.status.code(), Some(0));
+    let out = echo_ctl(&[dgram.to_str().unwrap(), "--dgram", "stats"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("samples_inserted_total"));
+    let out = echo_ctl(&["--dgram", dgram.to_str().unwrap(), "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("\"nope\""));
+    // A stream client on the datagram socket (and vice versa) fails cleanly.
+    let out = echo_ctl(&[dgram.to_str().unwrap(), "health"]);
+    assert_eq!(out.status.code(), Some(3));
+    let out = echo_ctl(&["--dgram", stream.to_str().unwrap(), "health"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    assert!(server.terminate().success());
+    assert!(!stream.exists() && !dgram.exists(), "sockets left behind");
+}
