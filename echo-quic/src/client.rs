@@ -1,0 +1,530 @@
+//! The `quic://` client: one QUIC connection, one or more bidirectional streams,
+//! each running wire v1 through core's [`StreamClient`].
+
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use echo_core::stream::StreamClient;
+use echo_core::transport::query_param;
+use echo_core::{
+    Client, ClientFactory, ClientOptions, ClientStats, Error, LatencyHistogram, Result, Spec, Url,
+};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{ConnectionError, Endpoint, SendStream, TransportErrorCode};
+use tokio::io::AsyncWrite;
+use tokio::time::timeout;
+
+use crate::config::Tuning;
+use crate::server::{resolve, CODE_REFUSED};
+use crate::tls;
+
+/// Most streams one client may open.
+pub const MAX_CLIENT_STREAMS: usize = 256;
+
+/// Default for `linger`: how long `close` waits for the server to take what was sent.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(10);
+
+/// Connects `quic://host:port` clients.
+///
+/// Query parameters:
+/// * `ca=PATH` (required): PEM certificates to trust: the file a server that
+///   generated its certificate printed, or the CA that signed the server's;
+///   nothing else is trusted, and there is no unverified mode;
+/// * `server_name` (default: the URL's host): the name checked against the
+///   server's certificate;
+/// * `streams` (default 1, or the factory's [`with_streams`](Self::with_streams)):
+///   streams opened on the connection; samples go to the stream with the most
+///   room, so a stalled stream does not hold up the others. Per-client order is
+///   kept only with one stream;
+/// * `linger` (seconds, default 10): how long `close` waits for every sent
+///   payload to be acknowledged before closing the connection anyway;
+/// * the [`Tuning`] parameters.
+///
+/// `max_inflight` is the client's total: it is split over the streams (stream
+/// *i* of *n* gets `max_inflight / n`, one more for the first `max_inflight % n`),
+/// so `streams` may not exceed it.
+#[derive(Debug, Clone, Copy)]
+pub struct QuicClientFactory {
+    default_streams: usize,
+}
+
+impl Default for QuicClientFactory {
+    fn default() -> Self {
+        QuicClientFactory { default_streams: 1 }
+    }
+}
+
+impl QuicClientFactory {
+    /// A factory whose clients open `streams` streams unless the URL says otherwise.
+    pub fn with_streams(streams: usize) -> Self {
+        QuicClientFactory {
+            default_streams: streams,
+        }
+    }
+}
+
+/// A `quic://` client.
+#[derive(Debug)]
+pub struct QuicClient {
+    peer: String,
+    payload_size: usize,
+    endpoint: Endpoint,
+    conn: quinn::Connection,
+    streams: Vec<StreamClient>,
+    caps: Vec<usize>,
+    next: usize,
+    linger: Duration,
+    closed: bool,
+}
+
+fn url_err(url: &Url, reason: impl Into<String>) -> Error {
+    Error::Url {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Per-stream windows: `total` split over `n` streams (n <= total).
+fn split_window(total: usize, n: usize) -> Vec<usize> {
+    (0..n)
+        .map(|i| total / n + usize::from(i < total % n))
+        .collect()
+}
+
+/// What the client needs to connect, parsed from the URL.
+#[derive(Debug)]
+struct Target {
+    addr: SocketAddr,
+    server_name: String,
+    ca: PathBuf,
+    streams: usize,
+    tuning: Tuning,
+    linger: Duration,
+}
+
+impl Target {
+    async fn parse(url: &Url, default_streams: usize, options: &ClientOptions) -> Result<Target> {
+        let ca = url
+            .query_pairs()
+            .find(|(k, _)| k == "ca")
+            .map(|(_, v)| PathBuf::from(v.into_owned()))
+            .ok_or_else(|| {
+                url_err(
+                    url,
+                    "quic:// clients need ?ca=PATH: the PEM certificate the server printed \
+                     at startup (or the CA that signed the server's certificate); \
+                     there is no unverified mode",
+                )
+            })?;
+        let host = url.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name: String = query_param(url, "server_name", host.to_string())?;
+        rustls::pki_types::ServerName::try_from(server_name.as_str()).map_err(|e| {
+            url_err(
+                url,
+                format!("server_name {server_name:?} is not a DNS name or IP address: {e}"),
+            )
+        })?;
+        let streams: usize = query_param(url, "streams", default_streams)?;
+        if streams == 0 || streams > MAX_CLIENT_STREAMS {
+            return Err(url_err(
+                url,
+                format!("streams must be between 1 and {MAX_CLIENT_STREAMS}, got {streams}"),
+            ));
+        }
+        if streams > options.max_inflight {
+            return Err(Error::Config(format!(
+                "streams={streams} needs max_inflight of at least {streams} (each stream \
+                 carries at least one payload), got {}",
+                options.max_inflight
+            )));
+        }
+        let linger = Duration::from_secs(query_param(url, "linger", DEFAULT_LINGER.as_secs())?);
+        Ok(Target {
+            addr: resolve(url).await?,
+            server_name,
+            ca,
+            streams,
+            tuning: Tuning::from_url(url)?,
+            linger,
+        })
+    }
+}
+
+/// Turns a failed QUIC handshake into an error that says what went wrong.
+fn handshake_error(
+    e: ConnectionError,
+    rejection: &tls::Rejection,
+    peer: &str,
+    target: &Target,
+) -> Error {
+    if let Some(r) = rejection.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return tls::explain_rejection(&r, peer, &target.server_name, &target.ca);
+    }
+    // TLS alert 120, no_application_protocol, carried as a QUIC crypto error.
+    let no_alpn = TransportErrorCode::crypto(120);
+    match &e {
+        ConnectionError::ConnectionClosed(c) if c.error_code == no_alpn => Error::Tls(format!(
+            "{peer}: ALPN mismatch: the server does not accept protocol {:?} (it is not an \
+             echo quic:// server, or speaks another version)",
+            String::from_utf8_lossy(tls::ALPN)
+        )),
+        ConnectionError::TransportError(t) if t.code == no_alpn => Error::Tls(format!(
+            "{peer}: ALPN mismatch: the server did not select protocol {:?} ({t})",
+            String::from_utf8_lossy(tls::ALPN)
+        )),
+        ConnectionError::ConnectionClosed(c)
+            if c.error_code == TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Error::closed(format!(
+                "{peer} refused the connection (it is at its connection limit, max_conns)"
+            ))
+        }
+        ConnectionError::ConnectionClosed(c) => {
+            Error::Tls(format!("{peer} aborted the QUIC/TLS handshake: {c}"))
+        }
+        ConnectionError::TransportError(t) => {
+            Error::Tls(format!("QUIC/TLS handshake with {peer} failed: {t}"))
+        }
+        ConnectionError::TimedOut => Error::Timeout(format!(
+            "no answer from {peer} to the QUIC handshake (is a quic:// server listening there?)"
+        )),
+        _ => Error::closed(format!("QUIC connection to {peer}: {e}")),
+    }
+}
+
+/// Opens a QUIC connection to `url` (`ca`, `server_name` and tuning parameters
+/// apply) without opening any stream: below the wire protocol, for tests and
+/// tools that need to misbehave. Keep the endpoint alive as long as the connection.
+pub async fn raw_connection(
+    url: &str,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, quinn::Connection)> {
+    let url = echo_core::registry::parse_url(url)?;
+    let target = Target::parse(&url, 1, &ClientOptions::default()).await?;
+    let peer = format!("{}", target.addr);
+    let endpoint_conn = connect_quic(&target, &peer);
+    match timeout(connect_timeout, endpoint_conn).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout(format!(
+            "no QUIC handshake with {peer} within {connect_timeout:?}"
+        ))),
+    }
+}
+
+async fn connect_quic(target: &Target, peer: &str) -> Result<(Endpoint, quinn::Connection)> {
+    let roots = tls::load_certs(&target.ca)?;
+    let (rustls_cfg, rejection) = tls::client_config(roots, &target.ca)?;
+    let crypto = QuicClientConfig::try_from(rustls_cfg)
+        .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(target.tuning.transport(0, true)));
+    let local: SocketAddr = if target.addr.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = target.tuning.socket(local)?;
+    let endpoint = Endpoint::new(
+        target.tuning.endpoint(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let connecting = endpoint
+        .connect_with(cfg, target.addr, &target.server_name)
+        .map_err(|e| Error::Config(format!("cannot connect to {peer}: {e}")))?;
+    let conn = connecting
+        .await
+        .map_err(|e| handshake_error(e, &rejection, peer, target))?;
+    Ok((endpoint, conn))
+}
+
+fn stream_error(e: Error, peer: &str, i: usize) -> Error {
+    match e {
+        Error::Io(io) if io.kind() == io::ErrorKind::ConnectionReset => Error::closed(format!(
+            "{peer} refused stream {i} ({io}; error {CODE_REFUSED} means it is at its \
+             max_connections limit)"
+        )),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl ClientFactory for QuicClientFactory {
+    async fn connect(
+        &self,
+        url: &Url,
+        spec: &Spec,
+        options: &ClientOptions,
+    ) -> Result<Box<dyn Client>> {
+        options.validate()?;
+        let target = Target::parse(url, self.default_streams, options).await?;
+        let peer = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => target.addr.to_string(),
+        };
+        let caps = split_window(options.max_inflight, target.streams);
+        let setup = async {
+            let (endpoint, conn) = connect_quic(&target, &peer).await?;
+            let mut streams = Vec::with_capacity(target.streams);
+            for (i, &cap) in caps.iter().enumerate() {
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| Error::closed(format!("{peer}: cannot open stream {i}: {e}")))?;
+                let opts = ClientOptions {
+                    max_inflight: cap,
+                    ..options.clone()
+                };
+                let writer = FinishingSend::new(send, target.linger);
+                let stream = StreamClient::connect(recv, writer, spec, &opts, true, peer.clone())
+                    .await
+                    .map_err(|e| stream_error(e, &peer, i))?;
+                streams.push(stream);
+            }
+            Ok::<_, Error>((endpoint, conn, streams))
+        };
+        let (endpoint, conn, streams) = match timeout(options.connect_timeout, setup).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Timeout(format!(
+                    "connecting to {peer} with {} stream(s) took over {:?} (is a quic:// \
+                     server listening there, and does its max_streams allow {0}?)",
+                    target.streams, options.connect_timeout
+                )))
+            }
+        };
+        Ok(Box::new(QuicClient {
+            peer,
+            payload_size: spec.payload_size(),
+            endpoint,
+            conn,
+            streams,
+            caps,
+            next: 0,
+            linger: target.linger,
+            closed: false,
+        }))
+    }
+}
+
+impl QuicClient {
+    /// Streams this client sends on.
+    pub fn streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The index of an open stream with room, the one with the most, ties going
+    /// round-robin; `None` when every open stream is full.
+    fn pick(&self) -> Option<usize> {
+        let n = self.streams.len();
+        let mut best: Option<(usize, usize)> = None;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let w = self.streams[i].window();
+            if w.is_closed() {
+                continue;
+            }
+            let room = self.caps[i].saturating_sub(w.inflight());
+            if room > 0 && best.is_none_or(|(_, r)| room > r) {
+                best = Some((i, room));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Waits until some stream has room; fails once every stream is closed.
+    async fn wait_for_room(&self) -> Result<usize> {
+        loop {
+            let open: Vec<usize> = (0..self.streams.len())
+                .filter(|&i| !self.streams[i].window().is_closed())
+                .collect();
+            if open.is_empty() {
+                self.streams[0].window().check_open()?;
+                return Err(Error::closed(format!("connection to {} closed", self.peer)));
+            }
+            // At most one of these acquires (the first to complete ends the race);
+            // its slot is handed back and taken again by `StreamClient::send`.
+            let waits = open
+                .iter()
+                .map(|&i| Box::pin(async move { (i, self.streams[i].window().acquire(1).await) }));
+            let ((i, r), _, _) = futures::future::select_all(waits).await;
+            if r.is_ok() {
+                self.streams[i].window().unsend(1);
+                return Ok(i);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Client for QuicClient {
+    fn payload_size(&self) -> usize {
+        self.payload_size
+    }
+
+    async fn send(&mut self, payload: &[u8]) -> Result<()> {
+        if self.closed {
+            return Err(Error::closed(format!("client for {} is closed", self.peer)));
+        }
+        if payload.len() != self.payload_size {
+            return Err(Error::PayloadSize {
+                expected: self.payload_size,
+                got: payload.len(),
+            });
+        }
+        let i = match self.pick() {
+            Some(i) => i,
+            None => self.wait_for_room().await?,
+        };
+        self.next = (i + 1) % self.streams.len();
+        self.streams[i].send(payload).await
+    }
+
+    async fn wait(&mut self) -> Result<()> {
+        for s in &mut self.streams {
+            s.wait().await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        // QUIC drops whatever the server has not read yet when the connection
+        // closes, so first let the server take (and acknowledge) what was sent.
+        let linger = self.linger;
+        let _ = timeout(linger, async {
+            for s in &mut self.streams {
+                if s.wait().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        for s in &mut self.streams {
+            if timeout(linger, s.close()).await.is_err() {
+                tracing::debug!(
+                    "quic: closing a stream to {} took over {linger:?}",
+                    self.peer
+                );
+            }
+        }
+        self.conn.close(0u32.into(), b"client closed");
+        // Give the close frame a moment to leave; the endpoint driver keeps
+        // running on its own after that.
+        let _ = timeout(Duration::from_millis(100), self.endpoint.wait_idle()).await;
+        Ok(())
+    }
+
+    fn stats(&self) -> ClientStats {
+        let mut stats = ClientStats::default();
+        let mut latency = LatencyHistogram::default();
+        for s in &self.streams {
+            let st = s.window().stats();
+            stats.sent += st.sent;
+            stats.acked += st.acked;
+            latency.merge(&s.window().latency());
+        }
+        stats.ack_latency = latency.summary();
+        stats
+    }
+}
+
+/// A QUIC send stream whose `shutdown` finishes the stream and then waits (up to
+/// a limit) until the peer has acknowledged all of it, so that closing the
+/// connection afterwards loses nothing.
+struct FinishingSend {
+    send: Option<SendStream>,
+    linger: Duration,
+    finishing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl FinishingSend {
+    fn new(send: SendStream, linger: Duration) -> Self {
+        FinishingSend {
+            send: Some(send),
+            linger,
+            finishing: None,
+        }
+    }
+}
+
+impl AsyncWrite for FinishingSend {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.send.as_mut() {
+            Some(s) => AsyncWrite::poll_write(Pin::new(s), cx, buf),
+            None => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "QUIC stream already finished",
+            ))),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.send.as_mut() {
+            Some(s) => AsyncWrite::poll_flush(Pin::new(s), cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.finishing.is_none() {
+            let Some(mut send) = self.send.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            if send.finish().is_err() {
+                // Already reset or stopped: nothing left to deliver.
+                return Poll::Ready(Ok(()));
+            }
+            let stopped = send.stopped();
+            let linger = self.linger;
+            self.finishing = Some(Box::pin(async move {
+                let _ = timeout(linger, stopped).await;
+                drop(send);
+            }));
+        }
+        match self.finishing.as_mut().map(|f| f.as_mut().poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => {
+                self.finishing = None;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for FinishingSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FinishingSend")
+            .field("stream", &self.send.as_ref().map(|s| s.id()))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_window;
+
+    #[test]
+    fn window_split_adds_up() {
+        assert_eq!(split_window(32, 4), vec![8, 8, 8, 8]);
+        assert_eq!(split_window(30, 4), vec![8, 8, 7, 7]);
+        assert_eq!(split_window(4, 4), vec![1, 1, 1, 1]);
+        assert_eq!(split_window(5, 1), vec![5]);
+    }
+}

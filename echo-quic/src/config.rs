@@ -1,0 +1,207 @@
+//! Transport tuning shared by server and client, and the UDP endpoint setup.
+//!
+//! The defaults aim at throughput on a LAN or loopback (round trips well under a
+//! millisecond, 1-100 Gbit/s) while keeping each connection's memory bounded;
+//! BENCHMARKS.md ("QUIC") has the measurements behind them.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use echo_core::transport::query_param;
+use echo_core::{Error, Result, Url};
+use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Flow-control, congestion and packet-size settings (URL query parameters of
+/// the same names override them, on both `quic://` servers and clients).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuning {
+    /// Bytes a peer may send on one stream ahead of the reader (`stream_window`,
+    /// default 8 MiB). Limits what one stream can have buffered at the receiver.
+    pub stream_window: u64,
+    /// Bytes a peer may send on all streams of a connection ahead of the reader
+    /// (`conn_window`, default 16 MiB): the most a connection's unread data can
+    /// occupy at the receiver.
+    pub conn_window: u64,
+    /// Bytes of application writes a sender keeps until they are acknowledged
+    /// (`send_window`, default 16 MiB).
+    pub send_window: u64,
+    /// Largest UDP payload path-MTU discovery probes for (`max_mtu`, default
+    /// 8952, jumbo frames; quinn's default is 1452). Probes that do not fit the
+    /// path are simply lost, so on a 1500-byte network this settles at 1452.
+    pub max_mtu: u16,
+    /// Congestion controller (`cc`: `cubic`, the default, `bbr` or `newreno`).
+    pub congestion: Congestion,
+    /// UDP socket send and receive buffer size asked of the kernel (`udp_buffer`,
+    /// default 4 MiB; the kernel caps it at `net.core.{r,w}mem_max`).
+    pub udp_buffer: usize,
+    /// Idle time after which a connection is dropped (`idle_timeout` in seconds,
+    /// default 30). Clients send keep-alives at a third of it.
+    pub idle_timeout: Duration,
+}
+
+/// A congestion controller quinn offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 8312), quinn's default.
+    Cubic,
+    /// BBR (v1, experimental in quinn).
+    Bbr,
+    /// NewReno (RFC 6582).
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" => Ok(Congestion::NewReno),
+            _ => Err(format!("expected cubic, bbr or newreno, got {s:?}")),
+        }
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            stream_window: 8 * MIB,
+            conn_window: 16 * MIB,
+            send_window: 16 * MIB,
+            max_mtu: 8952,
+            congestion: Congestion::Cubic,
+            udp_buffer: 4 * MIB as usize,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn url_err(url: &Url, reason: String) -> Error {
+    Error::Url {
+        url: url.to_string(),
+        reason,
+    }
+}
+
+impl Tuning {
+    /// The defaults overridden by `url`'s query parameters.
+    pub fn from_url(url: &Url) -> Result<Tuning> {
+        let d = Tuning::default();
+        let t = Tuning {
+            stream_window: query_param(url, "stream_window", d.stream_window)?,
+            conn_window: query_param(url, "conn_window", d.conn_window)?,
+            send_window: query_param(url, "send_window", d.send_window)?,
+            max_mtu: query_param(url, "max_mtu", d.max_mtu)?,
+            congestion: query_param(url, "cc", d.congestion)?,
+            udp_buffer: query_param(url, "udp_buffer", d.udp_buffer)?,
+            idle_timeout: Duration::from_secs(query_param(
+                url,
+                "idle_timeout",
+                d.idle_timeout.as_secs(),
+            )?),
+        };
+        t.validate().map_err(|reason| url_err(url, reason))?;
+        Ok(t)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let max_varint = (1u64 << 62) - 1;
+        for (name, v) in [
+            ("stream_window", self.stream_window),
+            ("conn_window", self.conn_window),
+        ] {
+            if v < 64 * KIB || v > max_varint {
+                return Err(format!(
+                    "{name} must be between 65536 and 2^62-1 bytes, got {v}"
+                ));
+            }
+        }
+        if self.send_window < 64 * KIB {
+            return Err(format!(
+                "send_window must be at least 65536 bytes, got {}",
+                self.send_window
+            ));
+        }
+        if !(1200..=65527).contains(&self.max_mtu) {
+            return Err(format!(
+                "max_mtu must be between 1200 and 65527, got {}",
+                self.max_mtu
+            ));
+        }
+        if self.idle_timeout < Duration::from_secs(1) || self.idle_timeout.as_secs() > 3600 {
+            return Err(format!(
+                "idle_timeout must be between 1 and 3600 seconds, got {}",
+                self.idle_timeout.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// quinn's transport config for these settings. `bidi_streams` is how many
+    /// bidirectional streams the peer may open at once (0 for a client).
+    pub(crate) fn transport(&self, bidi_streams: u32, keep_alive: bool) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
+        t.max_concurrent_bidi_streams(bidi_streams.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .stream_receive_window(varint(self.stream_window))
+            .receive_window(varint(self.conn_window))
+            .send_window(self.send_window)
+            // On a LAN the first round trip is far below quinn's 333 ms guess.
+            .initial_rtt(Duration::from_millis(10))
+            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
+            .enable_segmentation_offload(true);
+        if keep_alive {
+            t.keep_alive_interval(Some(self.idle_timeout / 3));
+        }
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_mtu);
+        // Probe again soon after a change of path instead of every 10 minutes.
+        mtu.interval(Duration::from_secs(60));
+        t.mtu_discovery_config(Some(mtu));
+        match self.congestion {
+            Congestion::Cubic => {}
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
+        }
+        t
+    }
+
+    /// quinn's endpoint config: accepts UDP payloads up to `max_mtu`.
+    pub(crate) fn endpoint(&self) -> EndpointConfig {
+        let mut e = EndpointConfig::default();
+        // Within 1200..=65527 (validated), which quinn accepts.
+        let _ = e.max_udp_payload_size(self.max_mtu.max(1472));
+        e
+    }
+
+    /// A UDP socket bound to `addr` with the configured buffer sizes.
+    pub(crate) fn socket(&self, addr: SocketAddr) -> Result<UdpSocket> {
+        let socket = UdpSocket::bind(addr).map_err(|e| {
+            Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot bind UDP {addr}: {e}"),
+            ))
+        })?;
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        // Best effort: the kernel caps both at its configured maxima.
+        if let Err(e) = state.set_recv_buffer_size((&socket).into(), self.udp_buffer) {
+            tracing::debug!("quic: cannot set UDP receive buffer: {e}");
+        }
+        if let Err(e) = state.set_send_buffer_size((&socket).into(), self.udp_buffer) {
+            tracing::debug!("quic: cannot set UDP send buffer: {e}");
+        }
+        Ok(socket)
+    }
+}

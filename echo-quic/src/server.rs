@@ -1,0 +1,355 @@
+//! The `quic://` server: a quinn endpoint whose client-opened bidirectional
+//! streams each carry wire v1 (client hello first), served by core's stream driver.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use echo_core::ingress::ShutdownSignal;
+use echo_core::stream::{serve_stream, Stopper, StreamEnd};
+use echo_core::transport::{host_port, query_param};
+use echo_core::{Error, Ingress, Result, Transport, TransportFactory, Url};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Endpoint, Incoming, VarInt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::timeout;
+
+use crate::config::Tuning;
+use crate::tls;
+
+/// Application error code: a stream or connection the server refused (a limit).
+pub const CODE_REFUSED: u32 = 1;
+/// Application error code: the server is shutting down.
+pub const CODE_SHUTDOWN: u32 = 2;
+
+/// Default for `max_streams`: concurrent client streams per connection.
+pub const DEFAULT_MAX_STREAMS: u32 = 16;
+
+/// Binds `quic://host:port` listeners.
+///
+/// Query parameters:
+/// * `cert=PATH&key=PATH`: serve this PEM certificate (chain) and private key;
+/// * otherwise a self-signed certificate is generated for `names` (comma-separated
+///   DNS names or IPs; default `localhost,127.0.0.1,::1` plus the bound IP) and
+///   written to `cert_out=PATH` (default: `echo-quic-<ip>-<port>.pem` in the temp
+///   directory, removed again at shutdown), which clients pass as `?ca=PATH`;
+/// * `max_streams` (default 16): concurrent streams per connection;
+/// * `max_conns` (default: the server's `max_connections`): QUIC connections;
+/// * the [`Tuning`] parameters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuicTransportFactory;
+
+/// A bound `quic://` listener.
+#[derive(Debug)]
+pub struct QuicTransport {
+    url: Url,
+    cert_path: PathBuf,
+    /// A generated certificate written to the default path, removed at shutdown.
+    remove_cert: bool,
+    endpoint: Endpoint,
+    stopper: Stopper,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+fn url_err(url: &Url, reason: impl Into<String>) -> Error {
+    Error::Url {
+        url: url.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Resolves `host:port` of `url` to one socket address.
+pub(crate) async fn resolve(url: &Url) -> Result<SocketAddr> {
+    let (host, port) = host_port(url)?;
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let mut addrs = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| url_err(url, format!("cannot resolve {host}: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| url_err(url, format!("{host} resolves to no address")))
+}
+
+fn path_param(url: &Url, key: &str) -> Option<PathBuf> {
+    url.query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| PathBuf::from(v.into_owned()))
+}
+
+fn default_names(addr: SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    let ip = addr.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+fn default_cert_path(addr: SocketAddr) -> PathBuf {
+    let ip: String = addr
+        .ip()
+        .to_string()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    std::env::temp_dir().join(format!("echo-quic-{ip}-{}.pem", addr.port()))
+}
+
+#[async_trait]
+impl TransportFactory for QuicTransportFactory {
+    async fn bind(&self, url: &Url, ingress: Ingress) -> Result<Box<dyn Transport>> {
+        let addr = resolve(url).await?;
+        let tuning = Tuning::from_url(url)?;
+        let max_streams: u32 = query_param(url, "max_streams", DEFAULT_MAX_STREAMS)?;
+        if max_streams == 0 || max_streams > 1024 {
+            return Err(url_err(
+                url,
+                format!("max_streams must be between 1 and 1024, got {max_streams}"),
+            ));
+        }
+        let max_conns: usize = query_param(url, "max_conns", ingress.limits().max_connections)?;
+        if max_conns == 0 {
+            return Err(url_err(url, "max_conns must be at least 1, got 0"));
+        }
+        let cert = path_param(url, "cert");
+        let key = path_param(url, "key");
+        let cert_out = path_param(url, "cert_out");
+        let names: Option<Vec<String>> =
+            url.query_pairs().find(|(k, _)| k == "names").map(|(_, v)| {
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            });
+
+        let socket = tuning.socket(addr)?;
+        let bound = socket.local_addr()?;
+        let mut remove_cert = false;
+        let (chain, key, cert_path) = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                if cert_out.is_some() || names.is_some() {
+                    return Err(url_err(
+                        url,
+                        "cert_out and names apply to a generated certificate; \
+                         drop them when giving cert= and key=",
+                    ));
+                }
+                (tls::load_certs(&cert)?, tls::load_key(&key)?, cert)
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(url_err(
+                    url,
+                    "give both cert=PATH and key=PATH, or neither (a self-signed \
+                     certificate is then generated)",
+                ))
+            }
+            (None, None) => {
+                let names = names.unwrap_or_else(|| default_names(bound));
+                if names.is_empty() {
+                    return Err(url_err(url, "names= lists no name"));
+                }
+                let ss = tls::self_signed(names)?;
+                remove_cert = cert_out.is_none();
+                let path = cert_out.unwrap_or_else(|| default_cert_path(bound));
+                tls::write_cert(&path, &ss.pem)?;
+                (vec![ss.cert], ss.key, path)
+            }
+        };
+        let crypto = QuicServerConfig::try_from(tls::server_config(chain, key)?)
+            .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(tuning.transport(max_streams, false)));
+        // No connection migration: peers are on a LAN, and it keeps peer names stable.
+        server_config.migration(false);
+        let endpoint = Endpoint::new(
+            tuning.endpoint(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+
+        let mut local = Url::parse(&format!("quic://{bound}"))
+            .map_err(|e| url_err(url, format!("bound address {bound}: {e}")))?;
+        {
+            let mut q = local.query_pairs_mut();
+            q.append_pair("ca", &cert_path.to_string_lossy());
+            if bound.ip().is_unspecified() {
+                q.append_pair("server_name", "localhost");
+            }
+        }
+        let stopper = Stopper::default();
+        let task = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            ingress,
+            stopper.signal(),
+            max_conns,
+        ));
+        tracing::info!(
+            "quic: listening on {bound} (certificate {})",
+            cert_path.display()
+        );
+        Ok(Box::new(QuicTransport {
+            url: local,
+            cert_path,
+            remove_cert,
+            endpoint,
+            stopper,
+            task: tokio::sync::Mutex::new(Some(task)),
+        }))
+    }
+}
+
+#[async_trait]
+impl Transport for QuicTransport {
+    fn local_url(&self) -> Url {
+        self.url.clone()
+    }
+
+    fn details(&self) -> Vec<(String, String)> {
+        vec![(
+            "cert".to_string(),
+            self.cert_path.to_string_lossy().into_owned(),
+        )]
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.stopper.stop();
+        if let Some(task) = self.task.lock().await.take() {
+            let _ = task.await;
+        }
+        self.endpoint
+            .close(CODE_SHUTDOWN.into(), b"server shutting down");
+        // Let the close frames go out; connections are already closed.
+        let _ = timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if self.remove_cert {
+            // Its key died with this listener; a restarted server writes a new one.
+            let _ = std::fs::remove_file(&self.cert_path);
+        }
+        Ok(())
+    }
+}
+
+async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
+    tokio::select! {
+        _ = a.wait() => {},
+        _ = b.wait() => {},
+    }
+}
+
+async fn accept_loop(
+    endpoint: Endpoint,
+    ingress: Ingress,
+    mut stop: ShutdownSignal,
+    max_conns: usize,
+) {
+    let mut server_stop = ingress.shutdown_signal();
+    let slots = Arc::new(Semaphore::new(max_conns));
+    let counters = ingress.counters("quic");
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = either(&mut server_stop, &mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            incoming = endpoint.accept() => match incoming {
+                None => break,
+                Some(incoming) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        conns.spawn(serve_connection(incoming, permit, ingress.clone(), stop.clone()));
+                    }
+                    Err(_) => {
+                        counters.connections_refused.fetch_add(1, Relaxed);
+                        tracing::warn!(
+                            "quic: refused {}: {max_conns} connections open (max_conns)",
+                            incoming.remote_address()
+                        );
+                        incoming.refuse();
+                    }
+                },
+            },
+        }
+    }
+    // Connection tasks watch the same signals; wait until each has closed.
+    while conns.join_next().await.is_some() {}
+}
+
+async fn serve_connection(
+    incoming: Incoming,
+    _slot: OwnedSemaphorePermit,
+    ingress: Ingress,
+    mut stop: ShutdownSignal,
+) {
+    let remote = incoming.remote_address();
+    let limit = ingress.limits().handshake_timeout;
+    let counters = ingress.counters("quic");
+    let conn = match timeout(limit, async { incoming.await }).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            counters.connections_refused.fetch_add(1, Relaxed);
+            tracing::info!(
+                "quic {remote}: handshake failed: {}",
+                crate::describe_connection_error(&e)
+            );
+            return;
+        }
+        Err(_) => {
+            counters.connections_refused.fetch_add(1, Relaxed);
+            tracing::info!("quic {remote}: no QUIC handshake within {limit:?}");
+            return;
+        }
+    };
+    tracing::debug!("quic {remote}: connected");
+    let mut server_stop = ingress.shutdown_signal();
+    let mut streams = JoinSet::new();
+    let stopping = loop {
+        tokio::select! {
+            _ = either(&mut server_stop, &mut stop) => break true,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            accepted = conn.accept_bi() => match accepted {
+                Ok((mut send, mut recv)) => {
+                    let peer = format!("{remote} stream {}", recv.id());
+                    match ingress.open("quic", peer.clone()) {
+                        Ok(c) => {
+                            let stop = stop.clone();
+                            streams.spawn(async move {
+                                match serve_stream(recv, send, c, true, stop).await {
+                                    Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
+                                        "quic {peer}: closed mid-payload, {discarded} bytes discarded"
+                                    ),
+                                    Ok(_) => tracing::debug!("quic {peer}: closed"),
+                                    Err(e) => tracing::info!("quic {peer}: {e}"),
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!("quic: refused {peer}: {e}");
+                            let _ = send.reset(CODE_REFUSED.into());
+                            let _ = recv.stop(CODE_REFUSED.into());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("quic {remote}: {}", crate::describe_connection_error(&e));
+                    break false;
+                }
+            },
+        }
+    };
+    // On shutdown each stream task returns promptly (it watches the same signals);
+    // when the peer left, its streams fail their next read.
+    while streams.join_next().await.is_some() {}
+    if stopping {
+        conn.close(VarInt::from_u32(CODE_SHUTDOWN), b"server shutting down");
+    }
+}

@@ -1,0 +1,392 @@
+//! Streams: spreading over several streams, stalls that stay on their own stream,
+//! and the server's bounds on streams and connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use echo_core::stream::StreamClient;
+use echo_core::{Client, ClientOptions, Error, Registry, Server, Spec};
+use echo_quic::{quinn, raw_connection, QuicClientFactory, QuicTransportFactory};
+use tokio::time::timeout;
+
+const SIZE: usize = 64;
+
+fn spec() -> Spec {
+    Spec::from_json(&format!(
+        r#"{{"x": {{"shape": [{SIZE}], "dtype": "uint8"}}}}"#
+    ))
+    .unwrap()
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    echo_quic::register(&mut r).unwrap();
+    r
+}
+
+fn options(max_inflight: usize) -> ClientOptions {
+    ClientOptions {
+        max_inflight,
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+async fn server(query: &str, batch: usize) -> (Server, String) {
+    let server = Server::builder(spec())
+        .batch_size(batch)
+        .registry(registry())
+        .build()
+        .unwrap();
+    let url = server
+        .listen(&format!("quic://127.0.0.1:0?{query}"))
+        .await
+        .unwrap();
+    (server, url)
+}
+
+async fn collect(server: &Server, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let b = timeout(Duration::from_secs(20), server.next_batch())
+            .await
+            .expect("batch in time")
+            .expect("a batch");
+        for k in 0..b.len() {
+            let mut p = Vec::new();
+            b.copy_sample(k, &mut p);
+            got.push(p[0]);
+        }
+    }
+    got
+}
+
+/// A stand-in server whose first stream completes the handshake and then never
+/// acknowledges anything, while its other streams acknowledge every payload.
+async fn stalling_server(
+    dir: &std::path::Path,
+) -> (quinn::Endpoint, String, tokio::task::JoinHandle<()>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let ca = dir.join("stall.pem");
+    std::fs::write(&ca, ck.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    tls.alpn_protocols = vec![echo_quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let url = format!(
+        "quic://{}?ca={}",
+        endpoint.local_addr().unwrap(),
+        ca.to_str().unwrap()
+    );
+    let ep = endpoint.clone();
+    let task = tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let hs = echo_core::wire::handshake_bytes(&spec().wire());
+        let mut first = true;
+        let mut tasks = Vec::new();
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut hello = [0u8; 5];
+            recv.read_exact(&mut hello).await.unwrap();
+            assert_eq!(hello, echo_core::wire::CLIENT_HELLO);
+            send.write_all(&hs).await.unwrap();
+            let stall = std::mem::replace(&mut first, false);
+            tasks.push(tokio::spawn(async move {
+                if stall {
+                    // Hold the stream open, never read, never ack.
+                    std::future::pending::<()>().await;
+                }
+                let mut buf = vec![0u8; SIZE];
+                while recv.read_exact(&mut buf).await.is_ok() {
+                    if send.write_all(&[1]).await.is_err() {
+                        break;
+                    }
+                }
+                drop((send, recv));
+            }));
+        }
+        for t in tasks {
+            t.abort();
+        }
+    });
+    (endpoint, url, task)
+}
+
+#[tokio::test]
+async fn a_stalled_stream_does_not_stall_the_client() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (endpoint, url, task) = stalling_server(dir.path()).await;
+        let mut client = registry()
+            .connect(&format!("{url}&streams=2&linger=1"), &spec(), &options(4))
+            .await
+            .unwrap();
+        // Stream 0 takes its two payloads and stalls; everything else goes to stream 1.
+        let n = 200u64;
+        timeout(Duration::from_secs(30), async {
+            for i in 0..n {
+                client.send(&[i as u8; SIZE]).await.unwrap();
+            }
+        })
+        .await
+        .expect("sends kept going past the stalled stream");
+        let st = client.stats();
+        assert_eq!(st.sent, n);
+        assert!(st.acked >= n - 4, "acked {} of {n}", st.acked);
+        // Waiting for everything cannot finish: the stalled stream holds two payloads.
+        assert!(timeout(Duration::from_millis(300), client.wait())
+            .await
+            .is_err());
+        client.close().await.unwrap();
+        task.abort();
+        endpoint.close(0u32.into(), b"");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stalled_stream_does_not_stall_its_connection_on_the_server() {
+    bounded(async {
+        let (server, url) = server("", 10).await;
+        let (_endpoint, conn) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
+        // Stream A: hello, handshake, then half a payload, and silence (kept open).
+        let (mut a_send, mut a_recv) = conn.open_bi().await.unwrap();
+        a_send
+            .write_all(&echo_core::wire::CLIENT_HELLO)
+            .await
+            .unwrap();
+        let hs = echo_core::wire::handshake_bytes(&spec().wire());
+        let mut got = vec![0u8; hs.len()];
+        a_recv.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, hs);
+        a_send.write_all(&[200u8; SIZE / 2]).await.unwrap();
+        // Stream B: a bad hello; the server closes that stream only.
+        let (mut b_send, mut b_recv) = conn.open_bi().await.unwrap();
+        b_send.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let r = timeout(Duration::from_secs(10), b_recv.read_to_end(1024))
+            .await
+            .expect("the bad stream is closed");
+        assert!(
+            r.as_ref().map_or(true, |v| v.is_empty()),
+            "no handshake for a bad hello, got {r:?}"
+        );
+        // Streams C and D on the same connection deliver everything.
+        let mut clients = Vec::new();
+        for id in [1u8, 2] {
+            let (send, recv) = conn.open_bi().await.unwrap();
+            let c = StreamClient::connect(recv, send, &spec(), &options(8), true, format!("s{id}"))
+                .await
+                .unwrap();
+            clients.push((id, c));
+        }
+        for (id, c) in &mut clients {
+            for _ in 0..50 {
+                c.send(&[*id; SIZE]).await.unwrap();
+            }
+            c.wait().await.unwrap();
+        }
+        let got = collect(&server, 100).await;
+        assert_eq!(got.iter().filter(|&&b| b == 1).count(), 50);
+        assert_eq!(got.iter().filter(|&&b| b == 2).count(), 50);
+        for (_, c) in &mut clients {
+            c.close().await.unwrap();
+        }
+        // Shutdown is not held up by the stalled stream; its partial payload never arrives.
+        timeout(Duration::from_secs(15), server.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(b) = server.next_batch().await {
+            panic!("unexpected batch of {} after shutdown", b.len());
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn samples_spread_over_streams_and_all_arrive() {
+    bounded(async {
+        let (server, url) = server("", 50).await;
+        let mut client = registry()
+            .connect(&format!("{url}&streams=4"), &spec(), &options(16))
+            .await
+            .unwrap();
+        // The ring holds 150 samples: consume while sending.
+        let consumer = {
+            let server = server.clone();
+            tokio::spawn(async move { collect(&server, 400).await })
+        };
+        for i in 0..400u32 {
+            client.send(&[(i % 251) as u8; SIZE]).await.unwrap();
+        }
+        client.wait().await.unwrap();
+        assert_eq!(client.stats().acked, 400);
+        let got = consumer.await.unwrap();
+        assert_eq!(got.len(), 400);
+        let m = server.metrics();
+        assert_eq!(
+            m.transports["quic"].connections_total, 4,
+            "one ingress connection per stream"
+        );
+        assert_eq!(m.transports["quic"].samples, 400);
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_bounded() {
+    bounded(async {
+        let (server, url) = server("max_streams=2", 4).await;
+        let e = match registry()
+            .connect(
+                &format!("{url}&streams=3"),
+                &spec(),
+                &ClientOptions {
+                    connect_timeout: Duration::from_secs(1),
+                    ..options(8)
+                },
+            )
+            .await
+        {
+            Ok(_) => panic!("a third stream should not open"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(e, Error::Timeout(_)) && e.to_string().contains("max_streams"),
+            "{e}"
+        );
+        let mut ok = registry()
+            .connect(&format!("{url}&streams=2"), &spec(), &options(8))
+            .await
+            .unwrap();
+        for i in 0..4u8 {
+            ok.send(&[i; SIZE]).await.unwrap();
+        }
+        ok.wait().await.unwrap();
+        ok.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_are_bounded() {
+    bounded(async {
+        let (server, url) = server("max_conns=1", 4).await;
+        let mut first = registry()
+            .connect(&url, &spec(), &options(8))
+            .await
+            .unwrap();
+        let e = match registry().connect(&url, &spec(), &options(8)).await {
+            Ok(_) => panic!("a second connection should be refused"),
+            Err(e) => e,
+        };
+        assert!(
+            e.is_closed() && e.to_string().contains("refused the connection"),
+            "{e}"
+        );
+        first.send(&[1; SIZE]).await.unwrap();
+        first.wait().await.unwrap();
+        first.close().await.unwrap();
+        // The slot frees once the server has seen the first connection close.
+        let mut again = None;
+        for _ in 0..100 {
+            match registry().connect(&url, &spec(), &options(8)).await {
+                Ok(c) => {
+                    again = Some(c);
+                    break;
+                }
+                Err(e) if e.is_closed() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let mut again = again.expect("a connection after the first closed");
+        again.send(&[2; SIZE]).await.unwrap();
+        again.wait().await.unwrap();
+        again.close().await.unwrap();
+        assert!(server.metrics().transports["quic"].connections_refused >= 1);
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_clients_see_it() {
+    bounded(async {
+        let (server, url) = server("", 4).await;
+        let (_endpoint, idle) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
+        let mut client = registry()
+            .connect(&url, &spec(), &options(8))
+            .await
+            .unwrap();
+        client.send(&[3; SIZE]).await.unwrap();
+        client.wait().await.unwrap();
+        timeout(Duration::from_secs(15), server.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        let reason = timeout(Duration::from_secs(10), idle.closed())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == echo_quic::CODE_SHUTDOWN.into()),
+            "{reason}"
+        );
+        let e = timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = client.send(&[4; SIZE]).await {
+                    break e;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(e.is_closed(), "{e}");
+        client.close().await.unwrap();
+        client.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn factory_default_streams_apply() {
+    bounded(async {
+        let (server, url) = server("", 8).await;
+        let mut reg = Registry::new();
+        reg.register(
+            "quic",
+            Arc::new(QuicTransportFactory),
+            Arc::new(QuicClientFactory::with_streams(3)),
+        )
+        .unwrap();
+        let mut client = reg.connect(&url, &spec(), &options(8)).await.unwrap();
+        for i in 0..8u8 {
+            client.send(&[i; SIZE]).await.unwrap();
+        }
+        client.wait().await.unwrap();
+        assert_eq!(server.metrics().transports["quic"].connections_total, 3);
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+/// Every test here finishes well within this, or fails instead of hanging.
+async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
+    tokio::time::timeout(Duration::from_secs(90), test)
+        .await
+        .expect("test took over 90 s");
+}
