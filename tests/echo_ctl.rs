@@ -9,8 +9,38 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The echo-ctl binary of this build, built by cargo on first use (it is another
-/// package, so cargo does not provide its path to this test).
+/// The newest modification time of the files echo-ctl is built from.
+fn newest_source() -> std::time::SystemTime {
+    fn walk(p: &Path, newest: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            return;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                walk(&e.path(), newest);
+            }
+        } else if let Ok(m) = meta.modified() {
+            *newest = (*newest).max(m);
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for p in [
+        "echo-ctl/src",
+        "echo-ctl/Cargo.toml",
+        "echo-core/src",
+        "echo-core/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        walk(&root.join(p), &mut newest);
+    }
+    newest
+}
+
+/// The echo-ctl binary of this build. It is another package, so cargo does not
+/// hand its path to this test: `cargo test --workspace` has just built it next to
+/// this test's profile directory; if it is missing or older than its sources
+/// (e.g. `cargo test -p echo`), cargo builds it here.
 fn echo_ctl_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -19,6 +49,13 @@ fn echo_ctl_bin() -> &'static Path {
             .parent()
             .and_then(Path::parent)
             .expect("test executable in <target>/<profile>/deps");
+        let bin = profile_dir.join("echo-ctl");
+        let fresh = std::fs::metadata(&bin)
+            .and_then(|m| m.modified())
+            .is_ok_and(|built| built >= newest_source());
+        if fresh {
+            return bin;
+        }
         let target_dir = profile_dir.parent().expect("target directory");
         let profile = profile_dir
             .file_name()
@@ -42,7 +79,6 @@ fn echo_ctl_bin() -> &'static Path {
         }
         let status = cmd.status().expect("run cargo build -p echo-ctl");
         assert!(status.success(), "cargo build -p echo-ctl failed: {status}");
-        let bin = profile_dir.join("echo-ctl");
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
     })

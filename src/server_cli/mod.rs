@@ -42,7 +42,9 @@ exits at once (status 130). --max-batches N exits 0 after N batches; samples
 received beyond them are not written (their count is logged).
 
 Control plane (fastdaemon protocol; query it with echo-ctl): commands help,
-stats [--json], spec [--json], listeners [--json], health.
+stats [--json], spec [--json], listeners [--json], health. It is read-only. A
+TCP control port (on 127.0.0.1) is reachable by every local user; a Unix
+socket is owner-only (0600).
 
 Exit status: 0 done (signal, --max-batches), 1 error (bad spec, bind failure,
 write failure), 2 usage error, 130 forced by a second signal.";
