@@ -677,3 +677,28 @@ fn configuration_errors_are_clear() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("already holds batch files"));
     assert_eq!(std::fs::read(out.join("batch-000000.npz")).unwrap(), b"old");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_cannot_be_written_stops_the_server_with_an_error() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("gone");
+    let spec = echo_core::testkit::kit_spec(16);
+    let mut server = EchoServer::start(
+        &spec.to_json().to_string(),
+        &[
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--batch-size",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        1,
+    );
+    std::fs::remove_dir(&out).unwrap();
+    send_samples(&server.url("tcp"), &spec, 4).await;
+    let status = tokio::task::block_in_place(|| server.wait_exit());
+    assert_eq!(status.code(), Some(1));
+    let log = server.stderr();
+    assert!(log.contains("writing batch 0 to"), "{log}");
+}
