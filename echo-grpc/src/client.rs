@@ -13,7 +13,8 @@ use echo_core::spec::{WireLeaf, WireSpec};
 use echo_core::transport::host_port;
 use echo_core::wire::VERSION;
 use echo_core::{
-    Client, ClientFactory, ClientOptions, ClientStats, Error, InflightWindow, Result, Spec, Url,
+    Client, ClientFactory, ClientOptions, ClientStats, Error, InflightWindow, LatencyHistogram,
+    Result, Spec, Url,
 };
 use futures::Stream;
 use tokio::sync::Notify;
@@ -483,6 +484,10 @@ impl Client for GrpcClient {
 
     fn stats(&self) -> ClientStats {
         self.window.stats()
+    }
+
+    fn latency_histogram(&self) -> LatencyHistogram {
+        self.window.latency()
     }
 }
 

@@ -1,0 +1,427 @@
+//! gRPC vs our TCP transport, in one run, under the same load generator.
+//!
+//! ```text
+//! cargo run --release -p echo-grpc --example bench_grpc                 # default cells
+//! cargo run --release -p echo-grpc --example bench_grpc -- --quick      # smoke run
+//! cargo run --release -p echo-grpc --example bench_grpc -- \
+//!     --targets tcp,grpc,grpc-h2-defaults,grpc-no-packing --sizes 20,16384 --clients 1
+//! ```
+//!
+//! Each target's server runs in its own process (this binary with `--role sink`),
+//! consuming batches as fast as it can; the load generator is this process: N
+//! clients (through the registry, so `TcpClient` or `GrpcClient`) on a 2-thread
+//! Tokio runtime, each sending the same pre-built payload with `max_inflight`
+//! unacknowledged for a fixed time after a warm-up, then waiting for every ack.
+//! A rate is acknowledged samples / elapsed time; the sink confirms the count.
+//!
+//! Targets:
+//! * `tcp`: echo-tcp, wire v1 (the baseline);
+//! * `grpc`, `grpcs`: echo-grpc with its defaults (grpcs: TLS 1.3 + a bearer token);
+//! * `grpc-h2-defaults`: HTTP/2's own settings on the server (64 KiB - 1 windows,
+//!   16 KiB frames);
+//! * `grpc-hyper-defaults`: hyper's server defaults (1 MiB windows, 16 KiB frames);
+//! * `grpc-no-packing`: the client sends one payload per message.
+//!
+//! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
+//! float32[]}`, batches of `clamp(8 MiB / P, 4, 256)` samples (as echo-tcp's bench).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use echo_core::{Client, ClientOptions, DType, Leaf, Registry, Server, Spec, Url};
+use echo_grpc::GrpcClient;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "echo-grpc vs echo-tcp throughput")]
+struct Args {
+    /// Short runs (0.3 s per cell).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement (default 2, or 0.3 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Payload sizes in bytes (multiples of 4, at least 8).
+    #[arg(long, value_delimiter = ',', default_value = "20,16384,1048576")]
+    sizes: Vec<usize>,
+    /// Client counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    clients: Vec<usize>,
+    /// Unacknowledged payloads per client.
+    #[arg(long, default_value_t = 32)]
+    max_inflight: usize,
+    /// Targets (see the file's docs).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,grpc,grpcs")]
+    targets: Vec<String>,
+    /// Internal: run as a server process bound to `--url`.
+    #[arg(long, hide = true)]
+    role: Option<String>,
+    /// Internal: the URL a sink binds.
+    #[arg(long, hide = true)]
+    url: Option<String>,
+    /// Internal: payload size for `--role`.
+    #[arg(long, hide = true, default_value_t = 20)]
+    payload: usize,
+}
+
+fn spec_for(payload: usize) -> Spec {
+    assert!(
+        payload % 4 == 0 && payload >= 8,
+        "payload sizes must be multiples of 4 and at least 8, got {payload}"
+    );
+    Spec::new(vec![
+        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
+        Leaf::new("reward", vec![], DType::Float32),
+    ])
+    .expect("valid spec")
+}
+
+fn batch_for(payload: usize) -> usize {
+    ((8 << 20) / payload).clamp(4, 256)
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::with_core();
+    echo_tcp::register(&mut r).expect("tcp");
+    echo_grpc::register(&mut r).expect("grpc");
+    r
+}
+
+/// A server process: prints `PORT p`, consumes until stdin closes, prints `SAMPLES n`.
+fn run_sink(url: &str, payload: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let server = Server::builder(spec_for(payload))
+            .batch_size(batch_for(payload))
+            .registry(registry())
+            .build()
+            .expect("server");
+        let bound = server.listen(url).await.expect("listen");
+        let port = bound.rsplit(':').next().unwrap_or("0").to_string();
+        println!("PORT {port}");
+        std::io::stdout().flush().ok();
+        let consumer = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while let Some(b) = server.next_batch_blocking() {
+                    n += b.len() as u64;
+                }
+                n
+            })
+        };
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await
+        .ok();
+        server.shutdown().await.ok();
+        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        println!("SAMPLES {n}");
+    });
+}
+
+struct Sink {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sink {
+    fn start(url: &str, payload: usize) -> (Sink, u16) {
+        let mut child = Command::new(std::env::current_exe().expect("own path"))
+            .args([
+                "--role",
+                "sink",
+                "--url",
+                url,
+                "--payload",
+                &payload.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sink");
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sink = Sink {
+            child,
+            stdin,
+            lines,
+        };
+        let port = sink.line("PORT ").parse().expect("port");
+        (sink, port)
+    }
+
+    fn line(&mut self, prefix: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("sink printed no {prefix:?} line"),
+            }
+        }
+    }
+
+    /// Closes stdin and returns the samples the sink consumed.
+    fn stop(mut self) -> u64 {
+        drop(self.stdin.take());
+        let n = self.line("SAMPLES ").parse().unwrap_or(0);
+        let _ = self.child.wait();
+        n
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    samples: u64,
+    secs: f64,
+    payload: usize,
+    /// gRPC messages sent (warm-up included) and payloads sent, for packing.
+    messages: Option<(u64, u64)>,
+}
+
+/// A client of any scheme; gRPC ones also report how many messages they sent.
+enum AnyClient {
+    Dyn(Box<dyn Client>),
+    Grpc(GrpcClient),
+}
+
+impl AnyClient {
+    fn get(&mut self) -> &mut dyn Client {
+        match self {
+            AnyClient::Dyn(c) => c.as_mut(),
+            AnyClient::Grpc(c) => c,
+        }
+    }
+
+    fn messages(&self) -> Option<(u64, u64)> {
+        match self {
+            AnyClient::Dyn(_) => None,
+            AnyClient::Grpc(c) => Some((c.messages_sent(), c.stats().sent)),
+        }
+    }
+}
+
+impl Rate {
+    fn per_sec(&self) -> f64 {
+        self.samples as f64 / self.secs
+    }
+
+    fn mb_per_sec(&self) -> f64 {
+        self.per_sec() * self.payload as f64 / 1e6
+    }
+}
+
+async fn load(url: &str, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
+    let spec = spec_for(payload);
+    let opts = ClientOptions {
+        max_inflight,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let reg = registry();
+    let data: Arc<Vec<u8>> = Arc::new((0..payload).map(|i| (i * 7 + 3) as u8).collect());
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(if url.starts_with("grpc") {
+            let u = Url::parse(url).expect("url");
+            AnyClient::Grpc(
+                GrpcClient::connect(&u, &spec, &opts)
+                    .await
+                    .expect("connect"),
+            )
+        } else {
+            AnyClient::Dyn(reg.connect(url, &spec, &opts).await.expect("connect"))
+        });
+    }
+    let step = ((64 << 10) / payload).clamp(1, 1024);
+    let warm = Duration::from_secs_f64((secs / 5.0).min(0.3));
+    let run = Duration::from_secs_f64(secs);
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for mut any in conns {
+        let data = data.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = any.get();
+            let t = Instant::now();
+            while t.elapsed() < warm {
+                for _ in 0..step {
+                    c.send(&data).await.expect("send");
+                }
+            }
+            c.wait().await.expect("wait");
+            start.wait().await;
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while t0.elapsed() < run {
+                for _ in 0..step {
+                    c.send(&data).await.expect("send");
+                }
+                n += step as u64;
+            }
+            c.wait().await.expect("wait");
+            let end = Instant::now();
+            c.close().await.expect("close");
+            (n, end, any.messages())
+        }));
+    }
+    start.wait().await;
+    let t0 = Instant::now();
+    let (mut total, mut last, mut messages) = (0, t0, None);
+    for t in tasks {
+        let (n, end, m) = t.await.expect("client task");
+        total += n;
+        last = last.max(end);
+        if let Some((m, p)) = m {
+            let (tm, tp) = messages.unwrap_or((0, 0));
+            messages = Some((tm + m, tp + p));
+        }
+    }
+    Rate {
+        samples: total,
+        secs: (last - t0).as_secs_f64(),
+        payload,
+        messages,
+    }
+}
+
+/// (server bind URL, client query) of a target.
+fn target_urls(target: &str, certs: &Certs) -> (String, String) {
+    let h2_defaults = "window=65535&conn_window=65535&frame=16384";
+    let hyper_defaults = "window=1048576&conn_window=1048576&frame=16384";
+    match target {
+        "tcp" => ("tcp://127.0.0.1:0".into(), String::new()),
+        "grpc" => ("grpc://127.0.0.1:0".into(), String::new()),
+        "grpcs" => (
+            format!(
+                "grpcs://127.0.0.1:0?cert={}&key={}&token=bench",
+                certs.cert, certs.key
+            ),
+            format!("ca={}&domain=localhost&token=bench", certs.cert),
+        ),
+        "grpc-h2-defaults" => (format!("grpc://127.0.0.1:0?{h2_defaults}"), String::new()),
+        "grpc-hyper-defaults" => (
+            format!("grpc://127.0.0.1:0?{hyper_defaults}"),
+            String::new(),
+        ),
+        "grpc-no-packing" => ("grpc://127.0.0.1:0".into(), "max_payloads=1".into()),
+        other => panic!(
+            "unknown target {other}; expected tcp, grpc, grpcs, grpc-h2-defaults, \
+             grpc-hyper-defaults, grpc-no-packing"
+        ),
+    }
+}
+
+struct Certs {
+    _dir: tempfile::TempDir,
+    cert: String,
+    key: String,
+}
+
+fn certs() -> Certs {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    Certs {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        _dir: dir,
+    }
+}
+
+fn size_name(p: usize) -> String {
+    if p >= 1 << 20 && p % (1 << 20) == 0 {
+        format!("{} MiB", p >> 20)
+    } else if p >= 1 << 10 && p % (1 << 10) == 0 {
+        format!("{} KiB", p >> 10)
+    } else {
+        format!("{p} B")
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.role.as_deref() == Some("sink") {
+        return run_sink(args.url.as_deref().expect("--url"), args.payload);
+    }
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
+    let certs = certs();
+    for t in &args.targets {
+        target_urls(t, &certs);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "# {secs} s per cell, max_inflight {}, 2-thread load generator, server in its own process",
+        args.max_inflight
+    );
+    println!("| payload | clients | target | samples/s | MB/s | vs tcp | payloads/message |");
+    println!("|---|---|---|---|---|---|---|");
+    for &payload in &args.sizes {
+        spec_for(payload);
+        for &clients in &args.clients {
+            let mut tcp_rate = None;
+            for target in &args.targets {
+                let (bind, query) = target_urls(target, &certs);
+                let (sink, port) = Sink::start(&bind, payload);
+                let scheme = bind.split("://").next().unwrap_or("tcp");
+                let mut url = format!("{scheme}://127.0.0.1:{port}");
+                if !query.is_empty() {
+                    url = format!("{url}?{query}");
+                }
+                let rate = rt.block_on(load(&url, payload, clients, secs, args.max_inflight));
+                let consumed = sink.stop();
+                assert!(
+                    consumed >= rate.samples,
+                    "{target}: the sink consumed {consumed} samples, fewer than the {} counted",
+                    rate.samples
+                );
+                if target == "tcp" {
+                    tcp_rate = Some(rate);
+                }
+                let vs = tcp_rate
+                    .map(|t| format!("{:.0} %", 100.0 * rate.per_sec() / t.per_sec()))
+                    .unwrap_or_else(|| "-".into());
+                let packing = rate
+                    .messages
+                    .filter(|(m, _)| *m > 0)
+                    .map(|(m, p)| format!("{:.1}", p as f64 / m as f64))
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "| {} | {clients} | {target} | {:.0} | {:.1} | {vs} | {packing} |",
+                    size_name(payload),
+                    rate.per_sec(),
+                    rate.mb_per_sec()
+                );
+            }
+        }
+    }
+}
