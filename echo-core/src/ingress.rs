@@ -404,10 +404,14 @@ impl Connection {
     }
 
     async fn push_item(&mut self, item: Item, n: usize) -> Result<usize> {
-        let permit = tokio::select! {
-            biased;
-            _ = self.shutdown.wait_for(|s| *s) => return Err(Error::Shutdown),
-            p = self.queue.space.acquire() => p.map_err(|_| Error::Shutdown)?,
+        // Fast path: room in the queue, no shutdown waiter to register and drop.
+        let permit = match self.queue.space.try_acquire() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return Err(Error::Shutdown),
+                p = self.queue.space.acquire() => p.map_err(|_| Error::Shutdown)?,
+            },
         };
         if self.ingress.closing.load(Acquire) {
             return Err(Error::Shutdown);

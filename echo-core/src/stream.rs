@@ -3,6 +3,7 @@
 //! in-memory transport all run on these, so there is one framing in the project.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -122,18 +123,32 @@ where
     }
 
     let mut sp = conn.splitter();
+    // One stop future for the connection's lifetime: registering a waiter on the
+    // shared shutdown channel per read (and dropping it) costs two contended locks.
+    // Reads and ack writes are polled first; the stop future only when they wait
+    // (Tokio's cooperative budget makes a busy stream wait now and then, and every
+    // push sees a server shutdown at once).
+    let stopped = either(&mut server_stop, &mut stop);
+    tokio::pin!(stopped);
     loop {
+        let asked = sp.spare().len();
         let n = tokio::select! {
             biased;
-            _ = either(&mut server_stop, &mut stop) => return Ok(StreamEnd::Shutdown),
             r = reader.read(sp.spare()) => r?,
+            _ = &mut stopped => return Ok(StreamEnd::Shutdown),
         };
         let mut eof = n == 0;
         sp.commit(n);
-        while !eof && !sp.is_full() {
+        // A short read drained the socket: only a full one is worth another try.
+        let mut last = (n, asked);
+        while !eof && !sp.is_full() && last.0 == last.1 {
+            let asked = sp.spare().len();
             match reader.read(sp.spare()).now_or_never() {
                 Some(Ok(0)) => eof = true,
-                Some(Ok(m)) => sp.commit(m),
+                Some(Ok(m)) => {
+                    sp.commit(m);
+                    last = (m, asked);
+                }
                 Some(Err(e)) => return Err(e.into()),
                 None => break,
             }
@@ -155,8 +170,8 @@ where
             };
             tokio::select! {
                 biased;
-                _ = either(&mut server_stop, &mut stop) => return Ok(StreamEnd::Shutdown),
                 r = ack => r?,
+                _ = &mut stopped => return Ok(StreamEnd::Shutdown),
             }
         }
         if eof {
@@ -294,17 +309,51 @@ struct OutState {
     closing: bool,
 }
 
+/// Payloads of at least this many bytes are written by [`StreamClient`] straight
+/// from the caller's buffer, inside `send`; smaller ones are copied into an
+/// outgoing buffer that a writer task flushes, many payloads per write.
+pub const DIRECT_WRITE_MIN: usize = 64 * 1024;
+
+type BoxWriter = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// How payloads leave a [`StreamClient`].
+enum Output {
+    /// Copied into the outbox; a writer task flushes it.
+    Buffered {
+        outbox: Arc<Outbox>,
+        task: Option<JoinHandle<()>>,
+    },
+    /// Written inside `send`. The mutex is only there to make the client `Sync`;
+    /// `send` and `close` reach the writer through `&mut self` (`get_mut`).
+    Direct {
+        writer: Mutex<Option<BoxWriter>>,
+        /// A `send` was cancelled mid-write: the stream is out of step.
+        torn: bool,
+    },
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Buffered { .. } => f.write_str("Buffered"),
+            Output::Direct { torn, .. } => f.debug_struct("Direct").field("torn", torn).finish(),
+        }
+    }
+}
+
 /// A wire v1 client over any byte stream; TCP, Unix and QUIC clients wrap it.
 ///
-/// `send` copies the payload into an outgoing buffer that a writer task flushes;
+/// Small payloads are copied into an outgoing buffer that a writer task flushes;
 /// payloads queued while a write is under way go out together in the next one.
+/// Payloads of [`DIRECT_WRITE_MIN`] bytes or more are written from the caller's
+/// buffer inside `send`, saving a copy. Either way at most `max_inflight` are
+/// unacknowledged.
 #[derive(Debug)]
 pub struct StreamClient {
     peer: String,
     payload_size: usize,
     window: Arc<InflightWindow>,
-    outbox: Arc<Outbox>,
-    writer: Option<JoinHandle<()>>,
+    output: Output,
     reader: JoinHandle<()>,
     closed: bool,
 }
@@ -342,20 +391,30 @@ impl StreamClient {
             }
         }
         let window = Arc::new(InflightWindow::new(options.max_inflight));
-        let outbox = Arc::new(Outbox::default());
         let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone()));
-        let writer = tokio::spawn(write_out(
-            writer,
-            outbox.clone(),
-            window.clone(),
-            peer.clone(),
-        ));
+        let output = if spec.payload_size() >= DIRECT_WRITE_MIN {
+            Output::Direct {
+                writer: Mutex::new(Some(Box::pin(writer))),
+                torn: false,
+            }
+        } else {
+            let outbox = Arc::new(Outbox::default());
+            let task = tokio::spawn(write_out(
+                writer,
+                outbox.clone(),
+                window.clone(),
+                peer.clone(),
+            ));
+            Output::Buffered {
+                outbox,
+                task: Some(task),
+            }
+        };
         Ok(StreamClient {
             peer,
             payload_size: spec.payload_size(),
             window,
-            outbox,
-            writer: Some(writer),
+            output,
             reader,
             closed: false,
         })
@@ -364,6 +423,97 @@ impl StreamClient {
     /// The window (for latency histograms).
     pub fn window(&self) -> &InflightWindow {
         &self.window
+    }
+
+    /// [`Client::send`] without boxing the future (for wrappers and hot loops).
+    pub async fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
+        if self.closed {
+            return Err(Error::closed(format!("client for {} is closed", self.peer)));
+        }
+        if payload.len() != self.payload_size {
+            return Err(Error::PayloadSize {
+                expected: self.payload_size,
+                got: payload.len(),
+            });
+        }
+        match &mut self.output {
+            Output::Buffered { outbox, .. } => {
+                self.window.acquire(1).await?;
+                let was_empty = {
+                    let mut st = outbox.state.lock().unwrap_or_else(|e| e.into_inner());
+                    let was_empty = st.buf.is_empty();
+                    st.buf.extend_from_slice(payload);
+                    was_empty
+                };
+                // The writer empties the buffer after each wake-up: only the payload
+                // that makes it non-empty needs to wake it.
+                if was_empty {
+                    outbox.notify.notify_one();
+                }
+                Ok(())
+            }
+            Output::Direct { writer, torn } => {
+                if *torn {
+                    return Err(Error::closed(format!(
+                        "a send to {} was cancelled mid-payload; the stream cannot continue",
+                        self.peer
+                    )));
+                }
+                self.window.acquire(1).await?;
+                let Some(w) = writer.get_mut().unwrap_or_else(|e| e.into_inner()) else {
+                    return Err(Error::closed(format!("client for {} is closed", self.peer)));
+                };
+                // Cleared only if the write is not cancelled half-way.
+                *torn = true;
+                let r = async {
+                    w.write_all(payload).await?;
+                    w.flush().await
+                }
+                .await;
+                *torn = false;
+                r.map_err(|e| {
+                    let msg = format!("connection to {} lost: {e}", self.peer);
+                    self.window.close(msg.clone());
+                    Error::closed(msg)
+                })
+            }
+        }
+    }
+
+    /// [`Client::wait`] without boxing the future.
+    pub async fn wait_acked(&mut self) -> Result<()> {
+        self.window.wait_all().await
+    }
+
+    /// [`Client::close`] without boxing the future.
+    pub async fn close_stream(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        match &mut self.output {
+            Output::Buffered { outbox, task } => {
+                outbox
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .closing = true;
+                outbox.notify.notify_one();
+                if let Some(t) = task.take() {
+                    let _ = t.await;
+                }
+            }
+            Output::Direct { writer, torn } => {
+                let w = writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+                if let (Some(mut w), false) = (w, *torn) {
+                    let _ = timeout(std::time::Duration::from_secs(5), w.shutdown()).await;
+                }
+            }
+        }
+        self.reader.abort();
+        self.window
+            .close(format!("client for {} is closed", self.peer));
+        Ok(())
     }
 }
 
@@ -433,48 +583,15 @@ impl Client for StreamClient {
     }
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
-        if self.closed {
-            return Err(Error::closed(format!("client for {} is closed", self.peer)));
-        }
-        if payload.len() != self.payload_size {
-            return Err(Error::PayloadSize {
-                expected: self.payload_size,
-                got: payload.len(),
-            });
-        }
-        self.window.acquire(1).await?;
-        self.outbox
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .buf
-            .extend_from_slice(payload);
-        self.outbox.notify.notify_one();
-        Ok(())
+        self.send_payload(payload).await
     }
 
     async fn wait(&mut self) -> Result<()> {
-        self.window.wait_all().await
+        self.wait_acked().await
     }
 
     async fn close(&mut self) -> Result<()> {
-        if self.closed {
-            return Ok(());
-        }
-        self.closed = true;
-        self.outbox
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .closing = true;
-        self.outbox.notify.notify_one();
-        if let Some(w) = self.writer.take() {
-            let _ = w.await;
-        }
-        self.reader.abort();
-        self.window
-            .close(format!("client for {} is closed", self.peer));
-        Ok(())
+        self.close_stream().await
     }
 
     fn stats(&self) -> ClientStats {
@@ -489,8 +606,8 @@ impl Client for StreamClient {
 impl Drop for StreamClient {
     fn drop(&mut self) {
         self.reader.abort();
-        if let Some(w) = self.writer.take() {
-            w.abort();
+        if let Output::Buffered { task: Some(t), .. } = &mut self.output {
+            t.abort();
         }
     }
 }

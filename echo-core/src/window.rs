@@ -17,8 +17,31 @@ struct State {
     sent: u64,
     acked: u64,
     closed: Option<String>,
-    send_times: VecDeque<Instant>,
+    /// `(payload index, send time)` of the payloads whose latency is measured.
+    send_times: VecDeque<(u64, Instant)>,
     latency: LatencyHistogram,
+    /// Tasks waiting for a change; acks only wake anyone when this is non-zero.
+    waiters: usize,
+}
+
+/// Ack latency is measured on one payload in this many (reading the clock per
+/// payload costs more than the rest of the bookkeeping).
+pub const LATENCY_SAMPLE_EVERY: u64 = 8;
+
+/// Counts a waiting task for as long as it lives.
+struct Waiter<'a>(&'a InflightWindow);
+
+impl<'a> Waiter<'a> {
+    fn new(w: &'a InflightWindow) -> Self {
+        w.lock().waiters += 1;
+        Waiter(w)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.lock().waiters -= 1;
+    }
 }
 
 /// Flow control for one client connection (or one stream of it).
@@ -40,6 +63,7 @@ impl InflightWindow {
                 closed: None,
                 send_times: VecDeque::with_capacity(max_inflight.max(1)),
                 latency: LatencyHistogram::default(),
+                waiters: 0,
             }),
             changed: Notify::new(),
         }
@@ -52,26 +76,38 @@ impl InflightWindow {
     /// Waits for room for `n` payloads (n <= max) and counts them as sent.
     pub async fn acquire(&self, n: usize) -> Result<()> {
         let n = n.clamp(1, self.max);
+        // Fast path: room now, no waiter registration (which locks the Notify).
+        if let Some(r) = self.try_take(n) {
+            return r;
+        }
+        let _waiter = Waiter::new(self);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut st = self.lock();
-                if let Some(reason) = &st.closed {
-                    return Err(Error::closed(reason.clone()));
-                }
-                if (st.sent - st.acked) as usize + n <= self.max {
-                    st.sent += n as u64;
-                    let now = Instant::now();
-                    for _ in 0..n {
-                        st.send_times.push_back(now);
-                    }
-                    return Ok(());
-                }
+            if let Some(r) = self.try_take(n) {
+                return r;
             }
             notified.await;
         }
+    }
+
+    /// Takes room for `n` if there is some: `None` means wait.
+    fn try_take(&self, n: usize) -> Option<Result<()>> {
+        let mut st = self.lock();
+        if let Some(reason) = &st.closed {
+            return Some(Err(Error::closed(reason.clone())));
+        }
+        if (st.sent - st.acked) as usize + n <= self.max {
+            let first = st.sent;
+            st.sent += n as u64;
+            let k = first.div_ceil(LATENCY_SAMPLE_EVERY) * LATENCY_SAMPLE_EVERY;
+            if k < st.sent {
+                st.send_times.push_back((k, Instant::now()));
+            }
+            return Some(Ok(()));
+        }
+        None
     }
 
     /// Gives back `n` payloads acquired but never sent (a failed write).
@@ -79,7 +115,7 @@ impl InflightWindow {
         let mut st = self.lock();
         let n = (n as u64).min(st.sent - st.acked);
         st.sent -= n;
-        for _ in 0..n {
+        while st.send_times.back().is_some_and(|&(k, _)| k >= st.sent) {
             st.send_times.pop_back();
         }
         drop(st);
@@ -103,14 +139,21 @@ impl InflightWindow {
             return Err(e.into());
         }
         st.acked += n;
-        let now = Instant::now();
-        for _ in 0..n {
-            if let Some(t) = st.send_times.pop_front() {
+        if st.send_times.front().is_some_and(|&(k, _)| k < st.acked) {
+            let now = Instant::now();
+            while let Some(&(k, t)) = st.send_times.front() {
+                if k >= st.acked {
+                    break;
+                }
+                st.send_times.pop_front();
                 st.latency.record(now - t);
             }
         }
+        let wake = st.waiters > 0;
         drop(st);
-        self.changed.notify_waiters();
+        if wake {
+            self.changed.notify_waiters();
+        }
         Ok(())
     }
 
@@ -147,6 +190,7 @@ impl InflightWindow {
     /// Waits until every payload sent is acknowledged; fails with
     /// `ConnectionClosed` if the connection closes first.
     pub async fn wait_all(&self) -> Result<()> {
+        let _waiter = Waiter::new(self);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -167,7 +211,8 @@ impl InflightWindow {
         }
     }
 
-    /// Counters and latency percentiles.
+    /// Counters and latency percentiles (ack latency of one payload in
+    /// [`LATENCY_SAMPLE_EVERY`]).
     pub fn stats(&self) -> ClientStats {
         let st = self.lock();
         ClientStats {

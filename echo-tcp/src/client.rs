@@ -4,6 +4,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use echo_core::metrics::LatencyHistogram;
 use echo_core::stream::StreamClient;
 use echo_core::transport::host_port;
 use echo_core::window::InflightWindow;
@@ -122,6 +123,25 @@ impl TcpClient {
     pub fn window(&self) -> &InflightWindow {
         self.inner.window()
     }
+
+    /// [`Client::send`], without boxing the future: sends one payload (the
+    /// leaves' bytes concatenated in wire order), waiting while `max_inflight`
+    /// are unacknowledged. After [`close`](Self::close), or once the server left,
+    /// this is [`Error::ConnectionClosed`].
+    pub async fn send(&mut self, payload: &[u8]) -> Result<()> {
+        self.inner.send_payload(payload).await
+    }
+
+    /// [`Client::wait`], without boxing the future: waits until every payload
+    /// sent has been acknowledged.
+    pub async fn wait(&mut self) -> Result<()> {
+        self.inner.wait_acked().await
+    }
+
+    /// [`Client::close`], without boxing the future; idempotent.
+    pub async fn close(&mut self) -> Result<()> {
+        self.inner.close_stream().await
+    }
 }
 
 #[async_trait]
@@ -131,19 +151,23 @@ impl Client for TcpClient {
     }
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
-        self.inner.send(payload).await
+        self.inner.send_payload(payload).await
     }
 
     async fn wait(&mut self) -> Result<()> {
-        self.inner.wait().await
+        self.inner.wait_acked().await
     }
 
     async fn close(&mut self) -> Result<()> {
-        self.inner.close().await
+        self.inner.close_stream().await
     }
 
     fn stats(&self) -> ClientStats {
         self.inner.stats()
+    }
+
+    fn latency_histogram(&self) -> LatencyHistogram {
+        self.inner.window().latency()
     }
 }
 

@@ -1,0 +1,691 @@
+//! Side-by-side TCP benchmark: our server vs id-echo 0.2.1's, under the same Rust
+//! load generator (our `TcpClient`), against a raw loopback stream as the ceiling;
+//! then id-echo's Python `TcpClient` against both servers.
+//!
+//! ```text
+//! bash scripts/setup-python.sh            # id-echo 0.2.1 in .venv
+//! cargo run --release -p echo-tcp --example bench_tcp            # full run (a few minutes)
+//! cargo run --release -p echo-tcp --example bench_tcp -- --quick # a smoke run
+//! ```
+//!
+//! Every server runs in its own process (this binary with `--role sink`, or
+//! `python/id_echo_bench.py serve`), consuming batches as fast as it can; the load
+//! generator is this process: N clients on a 2-thread Tokio runtime, each sending
+//! the same pre-built payload with `max_inflight` unacknowledged, for a fixed time,
+//! then waiting for every ack. A rate is acknowledged samples / elapsed time.
+//!
+//! The ceiling opens N plain TCP connections to a sink that reads and discards, and
+//! writes 1 MiB buffers for the same time; the sink confirms it read everything.
+//!
+//! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
+//! float32[]}` (id-echo's README example at P = 20).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use echo_core::{ClientOptions, DType, Leaf, Server, Spec};
+use echo_tcp::TcpClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "echo-tcp vs id-echo vs raw loopback TCP")]
+struct Args {
+    /// Short runs (0.3 s per cell) to check that everything works.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement (default 2, or 0.3 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Payload sizes in bytes (multiples of 4, at least 8).
+    #[arg(long, value_delimiter = ',', default_value = "20,16384,1048576")]
+    sizes: Vec<usize>,
+    /// Client counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    clients: Vec<usize>,
+    /// Unacknowledged payloads per client.
+    #[arg(long, default_value_t = 32)]
+    max_inflight: usize,
+    /// What to measure: raw, ours, id-echo, py (id-echo's Python TcpClient).
+    #[arg(long, value_delimiter = ',', default_value = "raw,ours,id-echo,py")]
+    targets: Vec<String>,
+    /// Drainer threads of our server.
+    #[arg(long, default_value_t = 1)]
+    drainers: usize,
+    /// Internal: run as a server process (`sink` = ours, `raw-sink`).
+    #[arg(long, hide = true)]
+    role: Option<String>,
+    /// Internal: payload size for `--role`.
+    #[arg(long, hide = true, default_value_t = 20)]
+    payload: usize,
+}
+
+fn spec_for(payload: usize) -> Spec {
+    assert!(
+        payload % 4 == 0 && payload >= 8,
+        "payload sizes must be multiples of 4 and at least 8, got {payload}"
+    );
+    Spec::new(vec![
+        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
+        Leaf::new("reward", vec![], DType::Float32),
+    ])
+    .expect("valid spec")
+}
+
+/// Samples per batch, the same for both servers: at most 256 and about 8 MiB.
+fn batch_for(payload: usize) -> usize {
+    ((8 << 20) / payload).clamp(4, 256)
+}
+
+// ---------------------------------------------------------------------------
+// Server processes
+// ---------------------------------------------------------------------------
+
+/// Our server: prints `PORT p`, consumes batches until stdin closes, prints `SAMPLES n`.
+fn run_sink(args: &Args) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let spec = spec_for(args.payload);
+        let server = Server::builder(spec)
+            .batch_size(batch_for(args.payload))
+            .drainers(args.drainers)
+            .registry(echo_tcp::registry())
+            .build()
+            .expect("server");
+        let url = server.listen("tcp://127.0.0.1:0").await.expect("listen");
+        println!("PORT {}", url.rsplit(':').next().unwrap_or("0"));
+        std::io::stdout().flush().ok();
+        let consumer = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while let Some(b) = server.next_batch_blocking() {
+                    if !b.is_partial() {
+                        n += b.len() as u64;
+                    }
+                }
+                n
+            })
+        };
+        tokio::task::spawn_blocking(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        })
+        .await
+        .ok();
+        server.shutdown().await.ok();
+        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        println!("SAMPLES {n}");
+    });
+}
+
+/// Raw ceiling sink: reads and discards each connection to EOF, then writes one byte.
+fn run_raw_sink() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    println!("PORT {}", l.local_addr().expect("addr").port());
+    std::io::stdout().flush().ok();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        let _ = s.write_all(&[1]);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// A server in a child process.
+struct Proc {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl Proc {
+    fn start(name: &str, mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Proc {
+            name: name.to_string(),
+            child,
+            stdin,
+            lines,
+            port: 0,
+        };
+        let port = p.expect("PORT ", Duration::from_secs(60));
+        p.port = port.parse().expect("a port number");
+        p
+    }
+
+    fn expect(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("{}: no {prefix:?} line within {limit:?}", self.name),
+            }
+        }
+    }
+
+    /// Closes stdin (the stop signal) and waits for the process.
+    fn stop(mut self) -> Option<u64> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut samples = None;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    if let Some(n) = l.strip_prefix("SAMPLES ") {
+                        samples = n.trim().parse().ok();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        samples
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds (Linux).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may contain spaces), counted from field 3.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Measures `f`'s rate along with the CPU the server process and this process used.
+fn measured(server: &Proc, f: impl FnOnce() -> Rate) -> Measured {
+    let pid = server.child.id().to_string();
+    let (s0, c0) = (cpu_secs(&pid), cpu_secs("self"));
+    let rate = f();
+    let (s1, c1) = (cpu_secs(&pid), cpu_secs("self"));
+    Measured {
+        rate,
+        server_cpu: s1 - s0,
+        client_cpu: c1 - c0,
+    }
+}
+
+/// A rate and the CPU spent on it.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    rate: Rate,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+impl Measured {
+    /// CPU microseconds per sample, server and load generator.
+    fn cpu_us(&self) -> (f64, f64) {
+        let n = self.rate.samples.max(1) as f64;
+        (self.server_cpu / n * 1e6, self.client_cpu / n * 1e6)
+    }
+}
+
+fn python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("ECHO_PYTHON") {
+        return p.into();
+    }
+    let py = echo_core::testkit::workspace_root().join(".venv/bin/python");
+    if !py.exists() {
+        eprintln!(
+            "id-echo runs need the project's venv at {}: run `bash scripts/setup-python.sh`, \
+             set ECHO_PYTHON, or pass --targets raw,ours",
+            py.display()
+        );
+        std::process::exit(2);
+    }
+    py
+}
+
+fn bench_script() -> std::path::PathBuf {
+    echo_core::testkit::workspace_root().join("python/id_echo_bench.py")
+}
+
+fn start_ours(payload: usize, drainers: usize) -> Proc {
+    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.args([
+        "--role",
+        "sink",
+        "--payload",
+        &payload.to_string(),
+        "--drainers",
+        &drainers.to_string(),
+    ]);
+    Proc::start("our server", cmd)
+}
+
+fn start_id_echo(payload: usize) -> Proc {
+    let mut cmd = Command::new(python());
+    cmd.arg(bench_script()).args([
+        "serve",
+        "--payload",
+        &payload.to_string(),
+        "--batch-size",
+        &batch_for(payload).to_string(),
+    ]);
+    Proc::start("id-echo server", cmd)
+}
+
+fn start_raw() -> Proc {
+    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.args(["--role", "raw-sink"]);
+    Proc::start("raw sink", cmd)
+}
+
+// ---------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------
+
+/// A measured rate.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    samples: u64,
+    secs: f64,
+    payload: usize,
+}
+
+impl Rate {
+    fn per_sec(&self) -> f64 {
+        self.samples as f64 / self.secs
+    }
+
+    fn mib_per_sec(&self) -> f64 {
+        self.per_sec() * self.payload as f64 / (1u64 << 20) as f64
+    }
+}
+
+/// N of our `TcpClient`s against `port`, each sending for `secs` after a warm-up.
+async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
+    let spec = spec_for(payload);
+    let url = format!("tcp://127.0.0.1:{port}");
+    let opts = ClientOptions {
+        max_inflight,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let data: Arc<Vec<u8>> = Arc::new((0..payload).map(|i| (i * 7 + 3) as u8).collect());
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(
+            TcpClient::connect(&url, &spec, &opts)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Sends between clock checks: about 64 KiB worth.
+    let step = ((64 << 10) / payload).clamp(1, 1024);
+    let warm = Duration::from_secs_f64((secs / 5.0).min(0.3));
+    let run = Duration::from_secs_f64(secs);
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let data = data.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            while t.elapsed() < warm {
+                for _ in 0..step {
+                    c.send(&data).await.expect("send");
+                }
+            }
+            c.wait().await.expect("wait");
+            start.wait().await;
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while t0.elapsed() < run {
+                for _ in 0..step {
+                    c.send(&data).await.expect("send");
+                }
+                n += step as u64;
+            }
+            c.wait().await.expect("wait");
+            let end = Instant::now();
+            c.close().await.expect("close");
+            (n, end)
+        }));
+    }
+    start.wait().await;
+    let t0 = Instant::now();
+    let mut total = 0;
+    let mut last = t0;
+    for t in tasks {
+        let (n, end) = t.await.expect("client task");
+        total += n;
+        last = last.max(end);
+    }
+    Rate {
+        samples: total,
+        secs: (last - t0).as_secs_f64(),
+        payload,
+    }
+}
+
+/// N plain connections writing 1 MiB buffers for `secs`; ends when the sink has read all.
+async fn load_raw(port: u16, payload: usize, clients: usize, secs: f64) -> Rate {
+    let buf = Arc::new(vec![0x5au8; 1 << 20]);
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect raw");
+        s.set_nodelay(true).ok();
+        conns.push(s);
+    }
+    let run = Duration::from_secs_f64(secs);
+    let warm = Duration::from_secs_f64((secs / 5.0).min(0.3));
+    let start = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let mut tasks = Vec::new();
+    for mut s in conns {
+        let buf = buf.clone();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            while t.elapsed() < warm {
+                s.write_all(&buf).await.expect("raw write");
+            }
+            start.wait().await;
+            let t0 = Instant::now();
+            let mut bytes = 0u64;
+            while t0.elapsed() < run {
+                s.write_all(&buf).await.expect("raw write");
+                bytes += buf.len() as u64;
+            }
+            s.shutdown().await.expect("raw shutdown");
+            let mut done = [0u8; 1];
+            s.read_exact(&mut done)
+                .await
+                .expect("raw sink confirmation");
+            (bytes, Instant::now())
+        }));
+    }
+    start.wait().await;
+    let t0 = Instant::now();
+    let (mut bytes, mut last) = (0u64, t0);
+    for t in tasks {
+        let (b, end) = t.await.expect("raw task");
+        bytes += b;
+        last = last.max(end);
+    }
+    let secs = (last - t0).as_secs_f64();
+    Rate {
+        samples: (bytes as f64 / payload as f64) as u64,
+        secs,
+        payload,
+    }
+}
+
+/// id-echo's Python TcpClient against `port`.
+fn python_client(port: u16, payload: usize, secs: f64, max_inflight: usize) -> Rate {
+    let out = Command::new(python())
+        .arg(bench_script())
+        .args([
+            "client",
+            "--port",
+            &port.to_string(),
+            "--payload",
+            &payload.to_string(),
+            "--seconds",
+            &secs.to_string(),
+            "--warmup",
+            &(secs / 5.0).min(0.3).to_string(),
+            "--max-inflight",
+            &max_inflight.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .unwrap_or_else(|| panic!("python client printed no RESULT: {text}"));
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    Rate {
+        samples: field("samples=") as u64,
+        secs: field("secs="),
+        payload,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------
+
+fn size_name(p: usize) -> String {
+    if p >= 1 << 20 && p % (1 << 20) == 0 {
+        format!("{} MiB", p >> 20)
+    } else if p >= 1 << 10 && p % (1 << 10) == 0 {
+        format!("{} KiB", p >> 10)
+    } else {
+        format!("{p} B")
+    }
+}
+
+fn fmt_rate(r: Option<Rate>) -> (String, String) {
+    match r {
+        None => ("-".into(), "-".into()),
+        Some(r) => (
+            format!("{:.0}", r.per_sec()),
+            format!("{:.1}", r.mib_per_sec()),
+        ),
+    }
+}
+
+fn ratio(a: Option<Rate>, b: Option<Rate>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b.per_sec() > 0.0 => format!("{:.2}", a.per_sec() / b.per_sec()),
+        _ => "-".into(),
+    }
+}
+
+fn fmt_cpu(m: Option<Measured>) -> String {
+    match m {
+        None => "-".into(),
+        Some(m) => {
+            let (s, c) = m.cpu_us();
+            if s < 10.0 {
+                format!("{s:.2} / {c:.2}")
+            } else {
+                format!("{s:.0} / {c:.0}")
+            }
+        }
+    }
+}
+
+struct Row {
+    payload: usize,
+    clients: usize,
+    raw: Option<Measured>,
+    ours: Option<Measured>,
+    id_echo: Option<Measured>,
+}
+
+fn main() {
+    let args = Args::parse();
+    match args.role.as_deref() {
+        Some("sink") => return run_sink(&args),
+        Some("raw-sink") => return run_raw_sink(),
+        Some(other) => panic!("unknown --role {other}"),
+        None => {}
+    }
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
+    let want = |t: &str| args.targets.iter().any(|x| x == t);
+    for t in &args.targets {
+        assert!(
+            ["raw", "ours", "id-echo", "py"].contains(&t.as_str()),
+            "unknown target {t}; expected raw, ours, id-echo, py"
+        );
+    }
+    for &p in &args.sizes {
+        spec_for(p);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut py_rows = Vec::new();
+    for &payload in &args.sizes {
+        let raw = want("raw").then(start_raw);
+        let ours = (want("ours") || want("py")).then(|| start_ours(payload, args.drainers));
+        let ide = (want("id-echo") || want("py")).then(|| start_id_echo(payload));
+        for &clients in &args.clients {
+            let mi = args.max_inflight;
+            let row =
+                Row {
+                    payload,
+                    clients,
+                    raw: raw.as_ref().map(|p| {
+                        measured(p, || rt.block_on(load_raw(p.port, payload, clients, secs)))
+                    }),
+                    ours: ours.as_ref().filter(|_| want("ours")).map(|p| {
+                        measured(p, || rt.block_on(load(p.port, payload, clients, secs, mi)))
+                    }),
+                    id_echo: ide.as_ref().filter(|_| want("id-echo")).map(|p| {
+                        measured(p, || rt.block_on(load(p.port, payload, clients, secs, mi)))
+                    }),
+                };
+            let (rs, rm) = fmt_rate(row.raw.map(|m| m.rate));
+            let (os, om) = fmt_rate(row.ours.map(|m| m.rate));
+            let (is, im) = fmt_rate(row.id_echo.map(|m| m.rate));
+            eprintln!(
+                "[{:>5.1}s] {:>7} x{:<2}: raw {rs:>10}/s {rm:>7} MiB/s | ours {os:>10}/s {om:>7} MiB/s cpu {} | id-echo {is:>10}/s {im:>7} MiB/s cpu {}",
+                started.elapsed().as_secs_f64(),
+                size_name(payload),
+                clients,
+                fmt_cpu(row.ours),
+                fmt_cpu(row.id_echo),
+            );
+            rows.push(row);
+        }
+        if want("py") {
+            let on_ide = ide.as_ref().map(|p| {
+                measured(p, || {
+                    python_client(p.port, payload, secs, args.max_inflight)
+                })
+            });
+            let on_ours = ours.as_ref().map(|p| {
+                measured(p, || {
+                    python_client(p.port, payload, secs, args.max_inflight)
+                })
+            });
+            eprintln!(
+                "[{:>5.1}s] {:>7} Python TcpClient: id-echo {}/s, ours {}/s",
+                started.elapsed().as_secs_f64(),
+                size_name(payload),
+                fmt_rate(on_ide.map(|m| m.rate)).0,
+                fmt_rate(on_ours.map(|m| m.rate)).0
+            );
+            py_rows.push((payload, on_ide, on_ours));
+        }
+        for p in [raw, ours, ide].into_iter().flatten() {
+            p.stop();
+        }
+    }
+
+    println!(
+        "Rust load generator (echo-tcp TcpClient, max_inflight {}), {secs} s per cell; \
+         CPU = server / load-generator CPU microseconds per sample:\n",
+        args.max_inflight
+    );
+    println!("| payload | clients | raw loopback MiB/s | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let (_, rm) = fmt_rate(r.raw.map(|m| m.rate));
+        let (os, om) = fmt_rate(r.ours.map(|m| m.rate));
+        let (is, im) = fmt_rate(r.id_echo.map(|m| m.rate));
+        println!(
+            "| {} | {} | {rm} | {os} | {om} | {} | {is} | {im} | {} | {} | {} |",
+            size_name(r.payload),
+            r.clients,
+            fmt_cpu(r.ours),
+            fmt_cpu(r.id_echo),
+            ratio(r.ours.map(|m| m.rate), r.id_echo.map(|m| m.rate)),
+            ratio(r.ours.map(|m| m.rate), r.raw.map(|m| m.rate))
+        );
+    }
+    if !py_rows.is_empty() {
+        println!(
+            "\nid-echo's Python TcpClient (1 client, max_inflight {}); CPU = server / Python client \
+             process excluded, server only:\n",
+            args.max_inflight
+        );
+        println!("| payload | → id-echo samples/s | id-echo server CPU µs/sample | → ours samples/s | our server CPU µs/sample | ours / id-echo |");
+        println!("|---|---|---|---|---|---|");
+        for (p, ide, ours) in &py_rows {
+            let cpu = |m: &Option<Measured>| {
+                m.map(|m| format!("{:.2}", m.cpu_us().0))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                size_name(*p),
+                fmt_rate(ide.map(|m| m.rate)).0,
+                cpu(ide),
+                fmt_rate(ours.map(|m| m.rate)).0,
+                cpu(ours),
+                ratio(ours.map(|m| m.rate), ide.map(|m| m.rate))
+            );
+        }
+    }
+    println!("\ntotal {:.0} s", started.elapsed().as_secs_f64());
+}
