@@ -50,6 +50,14 @@ impl Default for Limits {
     }
 }
 
+/// Pushes of at most this many bytes are copied into the store by the pushing
+/// task itself when the ring has room and nothing of the connection is queued:
+/// the hop to a drainer thread (a wake-up and a context switch each time) costs
+/// more than the copy, and on a busy machine the extra thread buys no parallelism.
+/// Larger pushes are queued for a drainer, so that one copy never holds an async
+/// worker for long.
+pub const INLINE_MAX_BYTES: usize = 4 << 20;
+
 /// What a queue holds: whole payloads, back to back.
 #[derive(Debug)]
 enum Item {
@@ -403,8 +411,62 @@ impl Connection {
         self.push_item(Item::Bytes(bytes), n).await
     }
 
+    /// Gives a receive buffer back to the pool (up to its bound).
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut pool = lock(&self.queue.pool);
+        if pool.len() < self.ingress.limits.queue_size + 2 {
+            pool.push(buf);
+        }
+    }
+
+    /// Copies what the ring has room for straight into the store when nothing of
+    /// this connection is queued (so order is kept) and the copy is small; returns
+    /// what is left to queue.
+    fn write_inline(&self, item: Item) -> Result<Option<Item>> {
+        // Very large copies go to a drainer thread instead of holding this worker.
+        if item.bytes().len() > INLINE_MAX_BYTES || lock(&self.queue.state).scheduled {
+            return Ok(Some(item)); // queued items, or a drainer busy with them, go first
+        }
+        #[cfg(feature = "latency-metrics")]
+        let t = std::time::Instant::now();
+        let written = self.ingress.store.try_write(item.bytes())?;
+        #[cfg(feature = "latency-metrics")]
+        if written > 0 {
+            lock(&self.ingress.latency).record(t.elapsed());
+        }
+        let len = item.bytes().len();
+        if written == len {
+            if let Item::Chunk(c) = item {
+                self.recycle(c.into_buffer());
+            }
+            return Ok(None);
+        }
+        Ok(Some(match item {
+            _ if written == 0 => item,
+            Item::Bytes(b) => Item::Bytes(b.slice(written..)),
+            Item::Chunk(c) => {
+                let ps = self.ingress.spec.payload_size();
+                let mut buf = c.into_buffer();
+                buf.copy_within(written..len, 0);
+                Item::Chunk(Chunk::new(buf, len - written, ps))
+            }
+        }))
+    }
+
     async fn push_item(&mut self, item: Item, n: usize) -> Result<usize> {
-        // Fast path: room in the queue, no shutdown waiter to register and drop.
+        if self.ingress.closing.load(Acquire) {
+            return Err(Error::Shutdown);
+        }
+        let bytes = item.bytes().len() as u64;
+        // Fast path: the ring has room, so no queue and no hop to a drainer thread.
+        let Some(item) = self.write_inline(item)? else {
+            let c = &self.queue.counters;
+            c.samples.fetch_add(n as u64, Relaxed);
+            c.bytes.fetch_add(bytes, Relaxed);
+            return Ok(n);
+        };
+        // Queue the rest. Fast path: room in the queue, no shutdown waiter to
+        // register and drop.
         let permit = match self.queue.space.try_acquire() {
             Ok(p) => p,
             Err(_) => tokio::select! {
@@ -417,7 +479,6 @@ impl Connection {
             return Err(Error::Shutdown);
         }
         permit.forget();
-        let bytes = item.bytes().len() as u64;
         let schedule = {
             let mut st = lock(&self.queue.state);
             st.items.push_back((item, stamp()));
@@ -563,6 +624,38 @@ mod tests {
             Err(Error::Shutdown)
         ));
         assert_eq!(ing.counters("t").snapshot().connections_refused, 2);
+    }
+
+    #[tokio::test]
+    async fn pushes_beyond_a_full_ring_queue_and_keep_their_order() {
+        // Ring of 2 x 2 slots: the first pushes are copied inline, the rest wait in
+        // the connection's queue for the drainer, and nothing overtakes anything.
+        let store = Store::new(Spec::bytes(4).unwrap(), 2, 2).unwrap();
+        let ing = Ingress::start(store.clone(), Limits::default(), 1).unwrap();
+        let mut c = ing.open("t", "p").unwrap();
+        for i in 0..8u32 {
+            let mut sp = c.splitter();
+            sp.feed(&i.to_le_bytes());
+            assert_eq!(c.push(sp.take(c.buffer())).await.unwrap(), 1);
+        }
+        // Four payloads in one chunk: queued behind the others.
+        let mut sp = c.splitter();
+        for i in 8..12u32 {
+            sp.feed(&i.to_le_bytes());
+        }
+        let consumer = tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            while got.len() < 12 {
+                let b = store.next_batch_blocking().unwrap();
+                for p in b.leaf(0).bytes().chunks(4) {
+                    got.push(u32::from_le_bytes(p.try_into().unwrap()));
+                }
+            }
+            got
+        });
+        assert_eq!(c.push(sp.take(c.buffer())).await.unwrap(), 4);
+        assert_eq!(consumer.await.unwrap(), (0..12).collect::<Vec<_>>());
+        assert_eq!(ing.counters("t").snapshot().samples, 12);
     }
 
     #[tokio::test]

@@ -258,6 +258,22 @@ impl Store {
         Ok(())
     }
 
+    /// Writes whole payloads from the front of `payloads`, in order, as long as
+    /// their batch's ring slot is free, without ever waiting; returns how many bytes
+    /// were written (a multiple of the payload size, maybe 0). For async writers
+    /// that copy inline when the ring has room and queue the rest.
+    pub fn try_write(&self, payloads: &[u8]) -> Result<usize> {
+        let mut rest = self.check_len(payloads)?;
+        let ps = self.inner.spec.payload_size();
+        while !rest.is_empty() {
+            let Some((start, n)) = self.inner.try_reserve(rest.len() / ps)? else {
+                break;
+            };
+            rest = self.inner.fill(start, n, rest);
+        }
+        Ok(payloads.len() - rest.len())
+    }
+
     fn check_len<'a>(&self, payloads: &'a [u8]) -> Result<&'a [u8]> {
         let ps = self.inner.spec.payload_size();
         if payloads.is_empty() || payloads.len() % ps != 0 {
@@ -361,6 +377,31 @@ impl Inner {
                 .compare_exchange_weak(cur, cur + n, AcqRel, Relaxed)
             {
                 Ok(_) => return Ok((cur, n as usize)),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Like [`reserve`](Self::reserve), but only slots of a batch whose ring slot is
+    /// free now (`None` otherwise). A free ring slot stays free until its batch has
+    /// been filled and consumed, which needs this reservation's commit.
+    fn try_reserve(&self, want: usize) -> Result<Option<(u64, usize)>> {
+        let bs = self.batch_size as u64;
+        let mut cur = self.next.load(Acquire);
+        loop {
+            if cur & CLOSED != 0 {
+                return Err(Error::Shutdown);
+            }
+            let batch = cur / bs;
+            if !self.is_free(batch)? {
+                return Ok(None);
+            }
+            let n = (want as u64).min((batch + 1) * bs - cur);
+            match self
+                .next
+                .compare_exchange_weak(cur, cur + n, AcqRel, Acquire)
+            {
+                Ok(_) => return Ok(Some((cur, n as usize))),
                 Err(actual) => cur = actual,
             }
         }
@@ -648,6 +689,29 @@ mod tests {
         p.extend_from_slice(&(id as f32).to_le_bytes());
         p.extend_from_slice(&(-(id as f32)).to_le_bytes());
         p
+    }
+
+    #[test]
+    fn try_write_fills_free_batches_only_and_never_waits() {
+        let s = Store::new(spec(), 4, 2).unwrap();
+        let all: Vec<u8> = (0..11).flat_map(payload).collect();
+        let ps = spec().payload_size();
+        // Two batches fit in the ring; the rest is left for later.
+        assert_eq!(s.try_write(&all).unwrap(), 8 * ps);
+        assert_eq!(s.try_write(&all[8 * ps..]).unwrap(), 0);
+        assert_eq!(s.size(), 8, "nothing reserved beyond what was written");
+        let b = s.try_next_batch().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1, 2, 3]);
+        drop(b);
+        assert_eq!(s.try_write(&all[8 * ps..]).unwrap(), 3 * ps);
+        let b = s.try_next_batch().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5, 6, 7]);
+        drop(b);
+        s.close();
+        let b = s.try_next_batch().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[8, 9, 10]);
+        assert!(matches!(s.try_write(&all[..ps]), Err(Error::Shutdown)));
+        assert!(s.try_write(&all[..ps - 1]).is_err(), "not a whole payload");
     }
 
     #[test]
