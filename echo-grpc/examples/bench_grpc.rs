@@ -20,7 +20,9 @@
 //! * `grpc-h2-defaults`: HTTP/2's own settings on the server (64 KiB - 1 windows,
 //!   16 KiB frames);
 //! * `grpc-hyper-defaults`: hyper's server defaults (1 MiB windows, 16 KiB frames);
-//! * `grpc-no-packing`: the client sends one payload per message.
+//! * `grpc-no-packing`: the client sends one payload per message;
+//! * `grpc?OPTIONS`: a grpc server with these URL options, e.g.
+//!   `grpc?window=16777216&frame=1048576` (quote it in a shell).
 //!
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`, batches of `clamp(8 MiB / P, 4, 256)` samples (as echo-tcp's bench).
@@ -52,6 +54,10 @@ struct Args {
     /// Unacknowledged payloads per client.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
+    /// Rounds of all targets per row; the table shows medians (default 3, or 1
+    /// with --quick).
+    #[arg(long)]
+    repeat: Option<usize>,
     /// Targets (see the file's docs).
     #[arg(long, value_delimiter = ',', default_value = "tcp,grpc,grpcs")]
     targets: Vec<String>,
@@ -197,7 +203,6 @@ impl Sink {
 struct Rate {
     samples: u64,
     secs: f64,
-    payload: usize,
     /// gRPC messages sent (warm-up included) and payloads sent, for packing.
     messages: Option<(u64, u64)>,
 }
@@ -227,10 +232,6 @@ impl AnyClient {
 impl Rate {
     fn per_sec(&self) -> f64 {
         self.samples as f64 / self.secs
-    }
-
-    fn mb_per_sec(&self) -> f64 {
-        self.per_sec() * self.payload as f64 / 1e6
     }
 }
 
@@ -302,7 +303,6 @@ async fn load(url: &str, payload: usize, clients: usize, secs: f64, max_inflight
     Rate {
         samples: total,
         secs: (last - t0).as_secs_f64(),
-        payload,
         messages,
     }
 }
@@ -327,9 +327,10 @@ fn target_urls(target: &str, certs: &Certs) -> (String, String) {
             String::new(),
         ),
         "grpc-no-packing" => ("grpc://127.0.0.1:0".into(), "max_payloads=1".into()),
+        t if t.starts_with("grpc?") => (format!("grpc://127.0.0.1:0{}", &t[4..]), String::new()),
         other => panic!(
             "unknown target {other}; expected tcp, grpc, grpcs, grpc-h2-defaults, \
-             grpc-hyper-defaults, grpc-no-packing"
+             grpc-hyper-defaults, grpc-no-packing or grpc?OPTIONS"
         ),
     }
 }
@@ -364,12 +365,52 @@ fn size_name(p: usize) -> String {
     }
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    target: &str,
+    certs: &Certs,
+    payload: usize,
+    clients: usize,
+    secs: f64,
+    max_inflight: usize,
+) -> Rate {
+    let (bind, query) = target_urls(target, certs);
+    let (sink, port) = Sink::start(&bind, payload);
+    let scheme = bind.split("://").next().unwrap_or("tcp");
+    let mut url = format!("{scheme}://127.0.0.1:{port}");
+    if !query.is_empty() {
+        url = format!("{url}?{query}");
+    }
+    let rate = rt.block_on(load(&url, payload, clients, secs, max_inflight));
+    let consumed = sink.stop();
+    assert!(
+        consumed >= rate.samples,
+        "{target}: the sink consumed {consumed} samples, fewer than the {} counted",
+        rate.samples
+    );
+    rate
+}
+
 fn main() {
     let args = Args::parse();
     if args.role.as_deref() == Some("sink") {
         return run_sink(args.url.as_deref().expect("--url"), args.payload);
     }
     let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let certs = certs();
     for t in &args.targets {
         target_urls(t, &certs);
@@ -380,46 +421,63 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "# {secs} s per cell, max_inflight {}, 2-thread load generator, server in its own process",
+        "# {secs} s per cell, {repeat} round(s) of all targets per row (medians; range = min..max), \
+         max_inflight {}, 2-thread load generator, server in its own process",
         args.max_inflight
     );
-    println!("| payload | clients | target | samples/s | MB/s | vs tcp | payloads/message |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| payload | clients | target | samples/s | MB/s | range samples/s | vs tcp (paired median) | payloads/message |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for &payload in &args.sizes {
         spec_for(payload);
         for &clients in &args.clients {
-            let mut tcp_rate = None;
-            for target in &args.targets {
-                let (bind, query) = target_urls(target, &certs);
-                let (sink, port) = Sink::start(&bind, payload);
-                let scheme = bind.split("://").next().unwrap_or("tcp");
-                let mut url = format!("{scheme}://127.0.0.1:{port}");
-                if !query.is_empty() {
-                    url = format!("{url}?{query}");
+            // rates[target][round]
+            let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); args.targets.len()];
+            for _ in 0..repeat {
+                for (i, target) in args.targets.iter().enumerate() {
+                    rates[i].push(measure(
+                        &rt,
+                        target,
+                        &certs,
+                        payload,
+                        clients,
+                        secs,
+                        args.max_inflight,
+                    ));
                 }
-                let rate = rt.block_on(load(&url, payload, clients, secs, args.max_inflight));
-                let consumed = sink.stop();
-                assert!(
-                    consumed >= rate.samples,
-                    "{target}: the sink consumed {consumed} samples, fewer than the {} counted",
-                    rate.samples
-                );
-                if target == "tcp" {
-                    tcp_rate = Some(rate);
-                }
-                let vs = tcp_rate
-                    .map(|t| format!("{:.0} %", 100.0 * rate.per_sec() / t.per_sec()))
-                    .unwrap_or_else(|| "-".into());
-                let packing = rate
-                    .messages
-                    .filter(|(m, _)| *m > 0)
-                    .map(|(m, p)| format!("{:.1}", p as f64 / m as f64))
-                    .unwrap_or_else(|| "-".into());
+            }
+            let tcp = args.targets.iter().position(|t| t == "tcp");
+            for (i, target) in args.targets.iter().enumerate() {
+                let r = &rates[i];
+                let per_sec: Vec<f64> = r.iter().map(|x| x.per_sec()).collect();
+                let lo = per_sec.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = per_sec.iter().cloned().fold(0.0, f64::max);
+                let med = median(per_sec.clone());
+                let vs = match tcp {
+                    Some(t) => {
+                        let ratios = r
+                            .iter()
+                            .zip(&rates[t])
+                            .map(|(a, b)| a.per_sec() / b.per_sec())
+                            .collect();
+                        format!("{:.0} %", 100.0 * median(ratios))
+                    }
+                    None => "-".into(),
+                };
+                let (m, p) = r
+                    .iter()
+                    .filter_map(|x| x.messages)
+                    .fold((0, 0), |(a, b), (m, p)| (a + m, b + p));
+                let packing = if m > 0 {
+                    format!("{:.1}", p as f64 / m as f64)
+                } else {
+                    "-".into()
+                };
                 println!(
-                    "| {} | {clients} | {target} | {:.0} | {:.1} | {vs} | {packing} |",
+                    "| {} | {clients} | {target} | {med:.0} | {:.1} | {lo:.0}..{hi:.0} | {vs} | {packing} |",
                     size_name(payload),
-                    rate.per_sec(),
-                    rate.mb_per_sec()
+                    med * payload as f64 / 1e6,
                 );
             }
         }

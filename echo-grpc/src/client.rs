@@ -1,5 +1,6 @@
 //! The client side: [`GrpcClient`], one Push stream on its own HTTP/2 connection.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -8,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::Bytes;
 use echo_core::spec::{WireLeaf, WireSpec};
 use echo_core::transport::host_port;
 use echo_core::wire::VERSION;
@@ -16,20 +17,21 @@ use echo_core::{
     Client, ClientFactory, ClientOptions, ClientStats, Error, InflightWindow, LatencyHistogram,
     Result, Spec, Url,
 };
-use futures::Stream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tonic::codec::Codec;
+use tonic::codegen::Service;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status, Streaming};
+use tonic_prost::ProstCodec;
 
 use crate::config::{redacted, ClientUrlOptions};
 use crate::proto::echo_client::EchoClient;
 use crate::proto::{GetSpecRequest, PushReply, PushRequest, SpecReply};
-use crate::server::MESSAGE_OVERHEAD;
 use crate::tls::{self, ClientCheck};
 
 /// Connects `grpc://` and `grpcs://` clients (see the crate docs for the URL options).
@@ -97,11 +99,15 @@ struct Outbox {
     finished: Notify,
     /// Messages the request stream produced.
     messages: AtomicU64,
+    /// Message buffers for reuse.
+    pool: Arc<Pool>,
 }
 
 #[derive(Debug, Default)]
 struct OutState {
-    buf: BytesMut,
+    /// Messages being built: each is [`HEADER_ROOM`] reserved bytes followed by
+    /// its payloads; the last one is still open.
+    msgs: VecDeque<Vec<u8>>,
     /// No more payloads: end the stream once `buf` is empty.
     closing: bool,
     /// The request stream ended; nothing more can be sent.
@@ -119,7 +125,7 @@ impl Outbox {
         let mut st = self.lock();
         st.closing = true;
         if discard {
-            st.buf.clear();
+            st.msgs.clear();
         }
         if let Some(w) = st.waker.take() {
             w.wake();
@@ -127,23 +133,147 @@ impl Outbox {
     }
 }
 
-/// The request side of the Push stream: each poll takes every payload waiting
-/// (up to the per-message limit) as one message.
-struct OutStream {
-    outbox: Arc<Outbox>,
-    max_bytes: usize,
+/// Room reserved in front of each message in the outbox for its framing: the
+/// gRPC prefix (compressed flag, u32 length), the protobuf tag of `payloads`
+/// and its length varint (at most 10 bytes).
+const HEADER_ROOM: usize = 5 + 1 + 10;
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
 }
 
-impl Stream for OutStream {
-    type Item = PushRequest;
+/// Writes the framing of a message carrying `n` payload bytes right-aligned into
+/// `room`; returns its length.
+fn write_header(room: &mut [u8], n: usize) -> usize {
+    let proto_len = 1 + varint_len(n as u64) + n;
+    let mut hdr = [0u8; HEADER_ROOM];
+    hdr[0] = 0; // not compressed
+    hdr[1..5].copy_from_slice(&(proto_len as u32).to_be_bytes());
+    hdr[5] = 0x0a; // field 1 (payloads), wire type 2 (length-delimited)
+    let mut len = 6;
+    let mut v = n as u64;
+    while v >= 0x80 {
+        hdr[len] = (v as u8 & 0x7f) | 0x80;
+        v >>= 7;
+        len += 1;
+    }
+    hdr[len] = v as u8;
+    len += 1;
+    room[HEADER_ROOM - len..].copy_from_slice(&hdr[..len]);
+    len
+}
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PushRequest>> {
+/// Message buffers a client reuses: a buffer handed to HTTP/2 comes back here
+/// once written, so steady state allocates nothing.
+#[derive(Debug, Default)]
+struct Pool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers kept for reuse per client.
+const POOLED: usize = 16;
+
+impl Pool {
+    fn get(&self, capacity: usize) -> Vec<u8> {
+        let v = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match v {
+            Some(mut v) => {
+                v.reserve(capacity);
+                v
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+}
+
+/// A framed message lent to HTTP/2; its buffer returns to the pool when dropped.
+struct Pooled {
+    vec: Vec<u8>,
+    start: usize,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.vec);
+        v.clear();
+        let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOLED {
+            free.push(v);
+        }
+    }
+}
+
+impl OutState {
+    /// Appends a payload, opening a new message (of `capacity` bytes, from the
+    /// pool) when the open one would exceed `max_bytes` of payloads.
+    fn push(&mut self, payload: &[u8], max_bytes: usize, capacity: usize, pool: &Pool) {
+        match self.msgs.back_mut() {
+            Some(open) if open.len() - HEADER_ROOM + payload.len() <= max_bytes => {
+                open.extend_from_slice(payload)
+            }
+            _ => {
+                let mut v = pool.get(capacity.max(HEADER_ROOM + payload.len()));
+                v.resize(HEADER_ROOM, 0);
+                v.extend_from_slice(payload);
+                self.msgs.push_back(v);
+            }
+        }
+    }
+
+    /// The first message, framed, as one buffer (no copy: the framing is written
+    /// into its reserved room).
+    fn take(&mut self, pool: &Arc<Pool>) -> Option<Bytes> {
+        let mut vec = self.msgs.pop_front()?;
+        let n = vec.len() - HEADER_ROOM;
+        let h = write_header(&mut vec[..HEADER_ROOM], n);
+        Some(Bytes::from_owner(Pooled {
+            vec,
+            start: HEADER_ROOM - h,
+            pool: pool.clone(),
+        }))
+    }
+}
+
+/// The request body of the Push stream: gRPC-framed `PushRequest` messages built
+/// in place in the outbox, so the payload bytes `send` copied in go to HTTP/2
+/// without another copy. Each poll takes the oldest message (all payloads that
+/// waited, up to the per-message limit).
+struct OutBody {
+    outbox: Arc<Outbox>,
+}
+
+impl fmt::Debug for Pooled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pooled")
+            .field("len", &(self.vec.len() - self.start))
+            .finish()
+    }
+}
+
+impl http_body::Body for OutBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<Bytes>, Self::Error>>> {
         let mut st = self.outbox.lock();
-        if !st.buf.is_empty() {
-            let n = st.buf.len().min(self.max_bytes);
-            let payloads = st.buf.split_to(n).freeze();
+        if let Some(msg) = st.take(&self.outbox.pool) {
             self.outbox.messages.fetch_add(1, Relaxed);
-            return Poll::Ready(Some(PushRequest { payloads }));
+            return Poll::Ready(Some(Ok(http_body::Frame::data(msg))));
         }
         if st.closing {
             st.finished = true;
@@ -156,28 +286,82 @@ impl Stream for OutStream {
     }
 }
 
-impl Drop for OutStream {
+impl Drop for OutBody {
     fn drop(&mut self) {
         let mut st = self.outbox.lock();
         st.finished = true;
-        st.buf.clear();
+        st.msgs.clear();
         drop(st);
         self.outbox.finished.notify_waiters();
     }
 }
 
+/// Opens the Push stream on `channel` with `body` as its request side.
+async fn open_push(
+    channel: &Channel,
+    token: &BearerToken,
+    body: OutBody,
+    peer: &str,
+) -> Result<Streaming<PushReply>> {
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("/echo.v1.Echo/Push")
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    if let Some(v) = &token.0 {
+        request = request.header(http::header::AUTHORIZATION, v.as_bytes());
+    }
+    let request = request
+        .body(tonic::body::Body::new(body))
+        .map_err(|e| Error::Other(format!("building the Push request: {e}")))?;
+    let mut channel = channel.clone();
+    let lost = |e: &(dyn std::error::Error + 'static)| {
+        Error::ConnectionClosed(format!("Push on {peer} failed: {}", chain(e)))
+    };
+    futures::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| lost(&e))?;
+    let response = channel.call(request).await.map_err(|e| lost(&e))?;
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        if status.code() != Code::Ok {
+            return Err(status_error(peer, "Push", &status));
+        }
+    }
+    if response.status() != http::StatusCode::OK {
+        return Err(Error::Other(format!(
+            "Push on {peer} failed: HTTP status {}",
+            response.status()
+        )));
+    }
+    let status = response.status();
+    let decoder = ProstCodec::<PushRequest, PushReply>::default().decoder();
+    Ok(Streaming::new_response(
+        decoder,
+        response.into_body(),
+        status,
+        None,
+        Some(4 << 20),
+    ))
+}
+
 /// A client of an echo gRPC server: one `Push` stream on its own HTTP/2
 /// connection.
 ///
-/// `send` copies the payload into an outgoing buffer; whenever HTTP/2 is ready
-/// for the next message, everything buffered (up to the server's
-/// `max_payloads_per_message`) goes out as one message. At most `max_inflight`
+/// `send` copies the payload into a pooled message buffer (the only copy on this
+/// side); whenever HTTP/2 is ready for the next message, everything buffered (up
+/// to the server's `max_payloads_per_message`) goes out as one message. At most `max_inflight`
 /// payloads are unacknowledged. Once the server ends the stream or the
 /// connection is lost, `send` and `wait` fail with `ConnectionClosed`.
 pub struct GrpcClient {
     peer: String,
     payload_size: usize,
     max_payloads: usize,
+    /// Most payload bytes per message.
+    max_bytes: usize,
+    /// Capacity of a new message buffer: room for as many payloads as may be
+    /// sent before an ack, up to `max_bytes`.
+    msg_capacity: usize,
     window: Arc<InflightWindow>,
     outbox: Arc<Outbox>,
     reader: Option<JoinHandle<()>>,
@@ -314,7 +498,7 @@ impl GrpcClient {
         let (peer, endpoint, token) = endpoint_with(url, &opts, options.connect_timeout)?;
         let setup = async {
             let channel = open_channel(&peer, &endpoint).await?;
-            let mut api: EchoApi = EchoClient::with_interceptor(channel.clone(), token)
+            let mut api: EchoApi = EchoClient::with_interceptor(channel.clone(), token.clone())
                 .max_decoding_message_size(4 << 20);
             let reply = api
                 .get_spec(GetSpecRequest {})
@@ -325,22 +509,25 @@ impl GrpcClient {
             let server_max = usize::try_from(reply.max_payloads_per_message)
                 .unwrap_or(usize::MAX)
                 .max(1);
-            let max_payloads = opts.max_payloads.unwrap_or(server_max).min(server_max);
-            let max_bytes = max_payloads.saturating_mul(spec.payload_size());
-            api = api.max_encoding_message_size(max_bytes.saturating_add(MESSAGE_OVERHEAD));
+            let mut max_payloads = opts.max_payloads.unwrap_or(server_max).min(server_max);
+            // Stay within the server's message size limit (when it states one) and
+            // gRPC's u32 message length, whatever the payload count says.
+            let ps = spec.payload_size();
+            let limit = usize::try_from(reply.max_message_bytes)
+                .unwrap_or(usize::MAX)
+                .min(u32::MAX as usize);
+            let limit = if limit == 0 { u32::MAX as usize } else { limit };
+            let fits = (limit.saturating_sub(HEADER_ROOM - 5) / ps).max(1);
+            max_payloads = max_payloads.min(fits);
+            let max_bytes = max_payloads * ps;
             let outbox = Arc::new(Outbox::default());
-            let requests = OutStream {
+            let body = OutBody {
                 outbox: outbox.clone(),
-                max_bytes,
             };
-            let replies = api
-                .push(requests)
-                .await
-                .map_err(|s| status_error(&peer, "Push", &s))?
-                .into_inner();
-            Ok::<_, Error>((channel, outbox, replies, max_payloads))
+            let replies = open_push(&channel, &token, body, &peer).await?;
+            Ok::<_, Error>((channel, outbox, replies, max_payloads, max_bytes))
         };
-        let (channel, outbox, replies, max_payloads) =
+        let (channel, outbox, replies, max_payloads, max_bytes) =
             match timeout(options.connect_timeout, setup).await {
                 Ok(r) => r?,
                 Err(_) => {
@@ -361,6 +548,9 @@ impl GrpcClient {
             peer,
             payload_size: spec.payload_size(),
             max_payloads,
+            max_bytes,
+            msg_capacity: HEADER_ROOM
+                + max_bytes.min(options.max_inflight.saturating_mul(spec.payload_size())),
             window,
             outbox,
             reader: Some(reader),
@@ -441,7 +631,12 @@ impl Client for GrpcClient {
             self.window.check_open()?;
             return Err(Error::closed(format!("the stream to {} ended", self.peer)));
         }
-        st.buf.extend_from_slice(payload);
+        st.push(
+            payload,
+            self.max_bytes,
+            self.msg_capacity,
+            &self.outbox.pool,
+        );
         if let Some(w) = st.waker.take() {
             w.wake();
         }
@@ -497,5 +692,48 @@ impl Drop for GrpcClient {
         if let Some(reader) = self.reader.take() {
             reader.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn framing_matches_prost_and_grpc() {
+        let mut st = OutState::default();
+        let pool = Arc::new(Pool::default());
+        let sizes = [1usize, 127, 128, 300, 16_383, 16_384, 1 << 21];
+        for &n in &sizes {
+            let payload: Vec<u8> = (0..n).map(|i| (i * 13) as u8).collect();
+            // One payload per message: each push opens a new message.
+            st.push(&payload, n, 64, &pool);
+            let framed = st.take(&pool).unwrap();
+            let want = PushRequest {
+                payloads: Bytes::from(payload),
+            }
+            .encode_to_vec();
+            assert_eq!(framed[0], 0, "not compressed");
+            assert_eq!(
+                u32::from_be_bytes(framed[1..5].try_into().unwrap()) as usize,
+                want.len()
+            );
+            assert!(framed[5..] == want[..], "n = {n}");
+        }
+        // Several payloads share a message up to the limit.
+        for i in 0..5u8 {
+            st.push(&[i; 4], 12, 64, &pool);
+        }
+        let a = st.take(&pool).unwrap();
+        let b = st.take(&pool).unwrap();
+        assert!(st.take(&pool).is_none());
+        let decode = |m: &Bytes| PushRequest::decode(&m[5..]).unwrap().payloads;
+        assert_eq!(&decode(&a)[..], &[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]);
+        assert_eq!(&decode(&b)[..], &[3, 3, 3, 3, 4, 4, 4, 4]);
+        // Buffers come back once HTTP/2 is done with them.
+        let before = pool.free.lock().unwrap().len();
+        drop((a, b));
+        assert_eq!(pool.free.lock().unwrap().len(), before + 2);
     }
 }

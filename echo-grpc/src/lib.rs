@@ -13,7 +13,11 @@
 //!   acknowledged before it stays delivered.
 //! * Client ([`GrpcClient`]): checks the spec, packs every payload waiting to go
 //!   into one message (up to the server's per-message limit), keeps at most
-//!   `max_inflight` payloads unacknowledged.
+//!   `max_inflight` payloads unacknowledged. `send` copies the payload once, into a
+//!   pooled message buffer with room for the gRPC and protobuf framing in front;
+//!   the framed message goes to HTTP/2 as is (the Push stream's request body is
+//!   written directly on the tonic channel, bypassing the generated client's
+//!   encoder and its second copy). `GetSpec` uses the generated client.
 //! * Security: `grpcs://` is TLS with rustls (ring); a bearer token, when the server
 //!   sets one, is checked on every call before anything is read.
 //!
