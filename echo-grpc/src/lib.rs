@@ -20,6 +20,10 @@
 //!   encoder and its second copy). `GetSpec` uses the generated client.
 //! * Security: `grpcs://` is TLS with rustls (ring); a bearer token, when the server
 //!   sets one, is checked on every call before anything is read.
+//! * Bounds: each Push stream is one ingress connection (counted against
+//!   `max_connections`; over it, `UNAVAILABLE`), messages are limited to
+//!   `max_payloads` payloads, the TLS handshake to the handshake timeout, and
+//!   HTTP/2 keepalive pings (every 30 s, 20 s to answer) drop peers that vanished.
 //!
 //! # URL options
 //!

@@ -470,3 +470,47 @@ fn registry_has_both_schemes() {
     let r = echo_grpc::registry();
     assert_eq!(r.schemes(), ["grpc", "grpcs", "mem"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_the_connection_limit_is_unavailable() {
+    use echo_core::Client;
+    bounded(60, async {
+        let spec = Spec::bytes(8).unwrap();
+        let server = Server::builder(spec.clone())
+            .batch_size(2)
+            .max_connections(1)
+            .registry(echo_grpc::registry())
+            .build()
+            .unwrap();
+        let url = Url::parse(&server.listen("grpc://127.0.0.1:0").await.unwrap()).unwrap();
+        let opts = ClientOptions::default();
+        let mut first = GrpcClient::connect(&url, &spec, &opts).await.unwrap();
+        let e = GrpcClient::connect(&url, &spec, &opts).await.unwrap_err();
+        assert!(e.is_closed(), "{e}");
+        assert!(
+            e.to_string().contains("Unavailable") && e.to_string().contains("connection limit"),
+            "{e}"
+        );
+        // The first client is unaffected, and its slot is free again once it closed.
+        first.send(&[9; 8]).await.unwrap();
+        first.wait().await.unwrap();
+        first.close().await.unwrap();
+        let mut again = None;
+        for _ in 0..100 {
+            match GrpcClient::connect(&url, &spec, &opts).await {
+                Ok(c) => {
+                    again = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let mut again = again.expect("the slot was freed");
+        again.send(&[10; 8]).await.unwrap();
+        again.wait().await.unwrap();
+        again.close().await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(drain(&server).await, vec![vec![9; 8], vec![10; 8]]);
+    })
+    .await
+}
