@@ -395,7 +395,11 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
+        // Some errors already print their sources; do not repeat them.
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!(": {text}"));
+        }
         source = s.source();
     }
     msg

@@ -302,7 +302,11 @@ fn tonic_error(what: &str, e: &(dyn std::error::Error + 'static)) -> String {
     let mut msg = format!("{what}: {e}");
     let mut source = e.source();
     while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
+        // Some errors already print their sources; do not repeat them.
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(&format!(": {text}"));
+        }
         source = s.source();
     }
     msg
