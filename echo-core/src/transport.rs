@@ -126,10 +126,18 @@ where
     match url.query_pairs().find(|(k, _)| k == key) {
         None => Ok(default),
         Some((_, v)) => v.parse().map_err(|e| Error::Url {
-            url: url.to_string(),
+            url: without_query(url),
             reason: format!("query parameter {key}={v:?}: {e}"),
         }),
     }
+}
+
+/// The URL without its query, for error messages: queries may hold secrets
+/// (tokens), which must not end up in logs.
+pub fn without_query(url: &Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.to_string()
 }
 
 /// A URL's `host:port`, with a clear error when either is missing.
