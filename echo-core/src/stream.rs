@@ -362,12 +362,48 @@ impl StreamClient {
     /// Runs the client side of wire v1 on a connected stream: optional hello,
     /// the server's handshake (checked against `spec`), then payloads and acks.
     pub async fn connect<R, W>(
+        reader: R,
+        writer: W,
+        spec: &Spec,
+        options: &ClientOptions,
+        send_hello: bool,
+        peer: String,
+    ) -> Result<StreamClient>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let direct = spec.payload_size() >= DIRECT_WRITE_MIN;
+        Self::connect_with(reader, writer, spec, options, send_hello, peer, direct).await
+    }
+
+    /// [`connect`](Self::connect) that always copies payloads into the outbox
+    /// (never writes inside `send`), so `send` waits only for the in-flight
+    /// window, never for the stream: for clients that spread payloads over
+    /// several streams and must not be held up by one that stalls.
+    pub async fn connect_buffered<R, W>(
+        reader: R,
+        writer: W,
+        spec: &Spec,
+        options: &ClientOptions,
+        send_hello: bool,
+        peer: String,
+    ) -> Result<StreamClient>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::connect_with(reader, writer, spec, options, send_hello, peer, false).await
+    }
+
+    async fn connect_with<R, W>(
         mut reader: R,
         mut writer: W,
         spec: &Spec,
         options: &ClientOptions,
         send_hello: bool,
         peer: String,
+        direct: bool,
     ) -> Result<StreamClient>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -392,7 +428,7 @@ impl StreamClient {
         }
         let window = Arc::new(InflightWindow::new(options.max_inflight));
         let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone()));
-        let output = if spec.payload_size() >= DIRECT_WRITE_MIN {
+        let output = if direct {
             Output::Direct {
                 writer: Mutex::new(Some(Box::pin(writer))),
                 torn: false,
