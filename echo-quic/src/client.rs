@@ -285,9 +285,16 @@ impl ClientFactory for QuicClientFactory {
                     ..options.clone()
                 };
                 let writer = FinishingSend::new(send, target.linger);
-                let stream = StreamClient::connect(recv, writer, spec, &opts, true, peer.clone())
-                    .await
-                    .map_err(|e| stream_error(e, &peer, i))?;
+                // One stream: large payloads are written straight from the caller's
+                // buffer. Several: always through each stream's outbox, so `send`
+                // never waits on a stream whose flow control stalled.
+                let stream = if caps.len() == 1 {
+                    StreamClient::connect(recv, writer, spec, &opts, true, peer.clone()).await
+                } else {
+                    StreamClient::connect_buffered(recv, writer, spec, &opts, true, peer.clone())
+                        .await
+                }
+                .map_err(|e| stream_error(e, &peer, i))?;
                 streams.push(stream);
             }
             Ok::<_, Error>((endpoint, conn, streams))
@@ -317,6 +324,12 @@ impl ClientFactory for QuicClientFactory {
 }
 
 impl QuicClient {
+    /// quinn's statistics for this client's connection (RTT, congestion window,
+    /// losses, path MTU).
+    pub fn connection_stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Streams this client sends on.
     pub fn streams(&self) -> usize {
         self.streams.len()
@@ -386,12 +399,12 @@ impl Client for QuicClient {
             None => self.wait_for_room().await?,
         };
         self.next = (i + 1) % self.streams.len();
-        self.streams[i].send(payload).await
+        self.streams[i].send_payload(payload).await
     }
 
     async fn wait(&mut self) -> Result<()> {
         for s in &mut self.streams {
-            s.wait().await?;
+            s.wait_acked().await?;
         }
         Ok(())
     }
@@ -406,20 +419,39 @@ impl Client for QuicClient {
         let linger = self.linger;
         let _ = timeout(linger, async {
             for s in &mut self.streams {
-                if s.wait().await.is_err() {
+                if s.wait_acked().await.is_err() {
                     break;
                 }
             }
         })
         .await;
         for s in &mut self.streams {
-            if timeout(linger, s.close()).await.is_err() {
+            if timeout(linger, s.close_stream()).await.is_err() {
                 tracing::debug!(
                     "quic: closing a stream to {} took over {linger:?}",
                     self.peer
                 );
             }
         }
+        let st = self.conn.stats();
+        tracing::debug!(
+            "quic {}: closing; rtt {:?} (min {:?}), cwnd {} B, mtu {}, {} packets sent, \
+             {} lost ({} congestion events), {} UDP datagrams in {} sends, MTU probes {} \
+             sent {} lost, {} black holes",
+            self.peer,
+            st.path.rtt,
+            st.path.min_rtt,
+            st.path.cwnd,
+            st.path.current_mtu,
+            st.path.sent_packets,
+            st.path.lost_packets,
+            st.path.congestion_events,
+            st.udp_tx.datagrams,
+            st.udp_tx.ios,
+            st.path.sent_plpmtud_probes,
+            st.path.lost_plpmtud_probes,
+            st.path.black_holes_detected,
+        );
         self.conn.close(0u32.into(), b"client closed");
         // Give the close frame a moment to leave; the endpoint driver keeps
         // running on its own after that.
@@ -429,17 +461,26 @@ impl Client for QuicClient {
 
     fn stats(&self) -> ClientStats {
         let mut stats = ClientStats::default();
-        let mut latency = LatencyHistogram::default();
         for s in &self.streams {
             let st = s.window().stats();
             stats.sent += st.sent;
             stats.acked += st.acked;
-            latency.merge(&s.window().latency());
         }
-        stats.ack_latency = latency.summary();
+        stats.ack_latency = self.latency_histogram().summary();
         stats
     }
+
+    fn latency_histogram(&self) -> LatencyHistogram {
+        let mut latency = LatencyHistogram::default();
+        for s in &self.streams {
+            latency.merge(&s.window().latency());
+        }
+        latency
+    }
 }
+
+/// Most bytes handed to quinn per write call.
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// A QUIC send stream whose `shutdown` finishes the stream and then waits (up to
 /// a limit) until the peer has acknowledged all of it, so that closing the
@@ -466,8 +507,12 @@ impl AsyncWrite for FinishingSend {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // quinn copies each write into one new allocation; pieces of at most
+        // WRITE_PIECE keep those allocations small enough for the allocator to
+        // reuse instead of mapping fresh pages for every large payload.
+        let piece = &buf[..buf.len().min(WRITE_PIECE)];
         match self.send.as_mut() {
-            Some(s) => AsyncWrite::poll_write(Pin::new(s), cx, buf),
+            Some(s) => AsyncWrite::poll_write(Pin::new(s), cx, piece),
             None => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "QUIC stream already finished",

@@ -14,6 +14,8 @@ use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, Va
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
+/// The largest `max_mtu` with `gso` on: 10 segments in one 65,507-byte UDP send.
+const MAX_GSO_MTU: u16 = 6550;
 
 /// Flow-control, congestion and packet-size settings (URL query parameters of
 /// the same names override them, on both `quic://` servers and clients).
@@ -30,14 +32,23 @@ pub struct Tuning {
     /// (`send_window`, default 16 MiB).
     pub send_window: u64,
     /// Largest UDP payload path-MTU discovery probes for (`max_mtu`, default
-    /// 8952, jumbo frames; quinn's default is 1452). Probes that do not fit the
-    /// path are simply lost, so on a 1500-byte network this settles at 1452.
+    /// 6500; quinn's default is 1452). Probes that do not fit the path are
+    /// simply lost, so on a 1500-byte Ethernet this settles at 1452, on loopback
+    /// or jumbo frames at 6500. With `gso` on it may be at most 6550: quinn hands
+    /// the kernel up to 10 datagrams per send, and they must fit in 64 KiB (a
+    /// larger batch is dropped whole, silently).
     pub max_mtu: u16,
     /// Congestion controller (`cc`: `cubic`, the default, `bbr` or `newreno`).
     pub congestion: Congestion,
     /// UDP socket send and receive buffer size asked of the kernel (`udp_buffer`,
     /// default 4 MiB; the kernel caps it at `net.core.{r,w}mem_max`).
     pub udp_buffer: usize,
+    /// Ack-eliciting packets a receiver may take before it must acknowledge
+    /// (`ack_threshold`; 0, the default, leaves QUIC's usual ack-every-other-packet
+    /// and does not negotiate the ACK-frequency extension).
+    pub ack_threshold: u32,
+    /// Whether to hand the kernel several datagrams per send (`gso`, default true).
+    pub gso: bool,
     /// Idle time after which a connection is dropped (`idle_timeout` in seconds,
     /// default 30). Clients send keep-alives at a third of it.
     pub idle_timeout: Duration,
@@ -73,9 +84,11 @@ impl Default for Tuning {
             stream_window: 8 * MIB,
             conn_window: 16 * MIB,
             send_window: 16 * MIB,
-            max_mtu: 8952,
+            max_mtu: 6500,
             congestion: Congestion::Cubic,
             udp_buffer: 4 * MIB as usize,
+            ack_threshold: 0,
+            gso: true,
             idle_timeout: Duration::from_secs(30),
         }
     }
@@ -99,6 +112,8 @@ impl Tuning {
             max_mtu: query_param(url, "max_mtu", d.max_mtu)?,
             congestion: query_param(url, "cc", d.congestion)?,
             udp_buffer: query_param(url, "udp_buffer", d.udp_buffer)?,
+            gso: query_param(url, "gso", d.gso)?,
+            ack_threshold: query_param(url, "ack_threshold", d.ack_threshold)?,
             idle_timeout: Duration::from_secs(query_param(
                 url,
                 "idle_timeout",
@@ -133,6 +148,13 @@ impl Tuning {
                 self.max_mtu
             ));
         }
+        if self.gso && self.max_mtu > MAX_GSO_MTU {
+            return Err(format!(
+                "max_mtu above {MAX_GSO_MTU} needs gso=false (quinn sends up to 10 datagrams \
+                 per call, which must fit in 64 KiB), got max_mtu={}",
+                self.max_mtu
+            ));
+        }
         if self.idle_timeout < Duration::from_secs(1) || self.idle_timeout.as_secs() > 3600 {
             return Err(format!(
                 "idle_timeout must be between 1 and 3600 seconds, got {}",
@@ -155,9 +177,14 @@ impl Tuning {
             // On a LAN the first round trip is far below quinn's 333 ms guess.
             .initial_rtt(Duration::from_millis(10))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
-            .enable_segmentation_offload(true);
+            .enable_segmentation_offload(self.gso);
         if keep_alive {
             t.keep_alive_interval(Some(self.idle_timeout / 3));
+        }
+        if self.ack_threshold > 0 {
+            let mut ack = quinn::AckFrequencyConfig::default();
+            ack.ack_eliciting_threshold(self.ack_threshold.into());
+            t.ack_frequency_config(Some(ack));
         }
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_mtu);

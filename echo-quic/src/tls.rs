@@ -20,8 +20,21 @@ pub const ALPN: &[u8] = b"echo/1";
 
 /// The crypto provider every config is built with (*ring*), passed explicitly so
 /// nothing depends on a process-level default being installed.
+///
+/// TLS 1.3 suites only, AES-128-GCM first: it is what QUIC's initial packets use
+/// anyway, gives 128-bit security, and takes 10 AES rounds per block instead of
+/// AES-256's 14, which shows at gigabytes per second. Both sides list it first,
+/// so it is what they agree on.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 fn tls_err(what: impl fmt::Display) -> Error {

@@ -1,0 +1,398 @@
+//! QUIC vs TCP throughput in one run: our `quic://` transport (1 and 4 streams per
+//! client) beside our `tcp://` transport, same server, same load generator.
+//!
+//! ```text
+//! cargo run --release -p echo-quic --example bench_quic            # full run (about 2 minutes)
+//! cargo run --release -p echo-quic --example bench_quic -- --quick # a smoke run
+//! cargo run --release -p echo-quic --example bench_quic -- \
+//!     --sizes 1048576 --clients 1 --targets quic1 --quic-query 'cc=bbr'   # try a setting
+//! ```
+//!
+//! Each transport's server runs in its own process (this binary with `--role
+//! server`), consuming batches as fast as it can. The load generator is this
+//! process: N clients on a 2-thread Tokio runtime, each sending one pre-built
+//! payload with `max_inflight` unacknowledged (for QUIC: in total over its
+//! streams), for a fixed time, then waiting for every ack. A rate is
+//! acknowledged samples / elapsed time. QUIC is always encrypted (TLS 1.3,
+//! AES-128-GCM or ChaCha20 as negotiated by rustls/ring); TCP wire v1 is not.
+//!
+//! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
+//! float32[]}`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use echo_core::{ClientOptions, DType, Leaf, Registry, Server, Spec};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "echo-quic vs echo-tcp on loopback")]
+struct Args {
+    /// Short runs (0.3 s per cell) to check that everything works.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per measurement (default 2, or 0.3 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Payload sizes in bytes (multiples of 4, at least 8).
+    #[arg(long, value_delimiter = ',', default_value = "20,16384,1048576")]
+    sizes: Vec<usize>,
+    /// Client counts.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    clients: Vec<usize>,
+    /// Measurements per cell; the best is reported (the machine is shared).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Unacknowledged payloads per client.
+    #[arg(long, default_value_t = 32)]
+    max_inflight: usize,
+    /// What to measure: tcp, quic1 (one stream per client), quic4 (four); any
+    /// quicN may carry `:QUERY` for both ends, e.g. `quic1:cc=bbr`.
+    #[arg(long, value_delimiter = ',', default_value = "tcp,quic1,quic4")]
+    targets: Vec<String>,
+    /// Extra query parameters for the QUIC server URL (e.g. `stream_window=4194304`).
+    #[arg(long, default_value = "")]
+    quic_query: String,
+    /// Extra query parameters for QUIC client URLs (e.g. `cc=bbr`).
+    #[arg(long, default_value = "")]
+    quic_client_query: String,
+    /// Internal: run as a server process for this URL.
+    #[arg(long, hide = true)]
+    role: Option<String>,
+    /// Internal: the server's payload size.
+    #[arg(long, hide = true, default_value_t = 0)]
+    payload: usize,
+}
+
+fn spec_for(payload: usize) -> Spec {
+    Spec::new(vec![
+        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
+        Leaf::new("reward", vec![], DType::Float32),
+    ])
+    .expect("spec")
+}
+
+fn batch_for(payload: usize) -> usize {
+    ((8 << 20) / payload).clamp(4, 256)
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::new();
+    echo_tcp::register(&mut r).expect("tcp");
+    echo_quic::register(&mut r).expect("quic");
+    r
+}
+
+/// A server process: prints `URL u`, consumes batches until stdin closes,
+/// prints `SAMPLES n`.
+fn run_server(url: &str, payload: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let server = Server::builder(spec_for(payload))
+            .batch_size(batch_for(payload))
+            .registry(registry())
+            .build()
+            .expect("server");
+        let url = server.listen(url).await.expect("listen");
+        println!("URL {url}");
+        std::io::stdout().flush().ok();
+        let consumer = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while let Some(b) = server.next_batch_blocking() {
+                    n += b.len() as u64;
+                }
+                n
+            })
+        };
+        tokio::task::spawn_blocking(|| {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        })
+        .await
+        .ok();
+        server.shutdown().await.ok();
+        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        println!("SAMPLES {n}");
+    });
+}
+
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<std::process::ChildStdout>,
+    url: String,
+}
+
+impl Proc {
+    fn start(url: &str, payload: usize) -> Proc {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut child = Command::new(exe)
+            .args(["--role", url, "--payload", &payload.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("server process");
+        let stdin = child.stdin.take();
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("server URL");
+        let url = line
+            .strip_prefix("URL ")
+            .unwrap_or_else(|| panic!("server said {line:?}"))
+            .trim()
+            .to_string();
+        Proc {
+            child,
+            stdin,
+            out,
+            url,
+        }
+    }
+
+    /// Closes the server's stdin and returns how many samples it consumed.
+    fn stop(mut self) -> u64 {
+        drop(self.stdin.take());
+        let mut line = String::new();
+        let mut n = 0;
+        while self.out.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Some(v) = line.trim().strip_prefix("SAMPLES ") {
+                n = v.parse().unwrap_or(0);
+            }
+            line.clear();
+        }
+        let _ = self.child.wait();
+        n
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        cpu_secs(&self.child.id().to_string())
+    }
+}
+
+/// User + system CPU seconds of a process (`self` or a pid), from /proc.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cell {
+    samples: u64,
+    secs: f64,
+    server_cpu: f64,
+    client_cpu: f64,
+}
+
+async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, secs: f64) -> Cell {
+    let spec = spec_for(payload);
+    let reg = registry();
+    let opts = ClientOptions {
+        max_inflight: args.max_inflight,
+        connect_timeout: Duration::from_secs(10),
+    };
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(reg.connect(url, &spec, &opts).await.expect("connect"));
+    }
+    let data = vec![7u8; payload];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let data = data.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                for _ in 0..64 {
+                    c.send(&data).await.expect("send");
+                }
+            }
+            c.wait().await.expect("wait");
+            let acked = c.stats().acked;
+            (c, acked)
+        }));
+    }
+    let mut samples = 0;
+    let mut done = Vec::new();
+    for t in tasks {
+        let (c, n) = t.await.expect("client task");
+        samples += n;
+        done.push(c);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    for mut c in done {
+        c.close().await.ok();
+    }
+    Cell {
+        samples,
+        secs,
+        ..Default::default()
+    }
+}
+
+fn fmt_rate(samples: f64) -> String {
+    if samples >= 1e6 {
+        format!("{:.2} M/s", samples / 1e6)
+    } else if samples >= 1e3 {
+        format!("{:.1} k/s", samples / 1e3)
+    } else {
+        format!("{samples:.0} /s")
+    }
+}
+
+fn fmt_size(b: usize) -> String {
+    match b {
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} B"),
+    }
+}
+
+/// `(name, server URL, client query)` of a target: `tcp`, or `quicN` (N streams
+/// per client) optionally followed by `:QUERY` applied to server and clients.
+fn target_urls(target: &str, args: &Args) -> (String, String, String) {
+    if target == "tcp" {
+        return (target.into(), "tcp://127.0.0.1:0".into(), String::new());
+    }
+    let (name, extra) = target.split_once(':').unwrap_or((target, ""));
+    let streams: usize = name
+        .strip_prefix("quic")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unknown target {target:?}; expected tcp or quicN[:QUERY]"));
+    let join = |a: &str, b: &str| match (a.is_empty(), b.is_empty()) {
+        (true, _) => b.to_string(),
+        (_, true) => a.to_string(),
+        _ => format!("{a}&{b}"),
+    };
+    let server_q = join(&args.quic_query, extra);
+    let client_q = join(
+        &join(&format!("streams={streams}"), &args.quic_client_query),
+        extra,
+    );
+    (
+        target.into(),
+        format!("quic://127.0.0.1:0?{server_q}"),
+        client_q,
+    )
+}
+
+/// One measurement: a fresh server process, `clients` clients for `secs`.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    server_url: &str,
+    client_extra: &str,
+    payload: usize,
+    clients: usize,
+    args: &Args,
+    secs: f64,
+    target: &str,
+) -> Cell {
+    let server = Proc::start(server_url, payload);
+    let sep = if server.url.contains('?') { '&' } else { '?' };
+    let url = if client_extra.is_empty() {
+        server.url.clone()
+    } else {
+        format!("{}{sep}{client_extra}", server.url)
+    };
+    let (s0, c0) = (server.cpu_secs(), cpu_secs("self"));
+    let mut cell = rt.block_on(run_clients(&url, payload, clients, args, secs));
+    cell.server_cpu = server.cpu_secs() - s0;
+    cell.client_cpu = cpu_secs("self") - c0;
+    let consumed = server.stop();
+    assert!(
+        consumed >= cell.samples.saturating_sub(batch_for(payload) as u64),
+        "{target}: server consumed {consumed} of {} acknowledged",
+        cell.samples
+    );
+    cell
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(url) = &args.role {
+        run_server(url, args.payload);
+        return;
+    }
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "| sample | clients | transport | samples/s | MB/s | vs tcp | server CPU µs/sample | client CPU µs/sample |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &payload in &args.sizes {
+        assert!(
+            payload >= 8 && payload % 4 == 0,
+            "sizes must be multiples of 4, >= 8"
+        );
+        for &clients in &args.clients {
+            let targets: Vec<(String, String, String)> =
+                args.targets.iter().map(|t| target_urls(t, &args)).collect();
+            // Interleaved: every target once per round, so drifting load from
+            // other work on the machine hits them alike; the best round counts.
+            let mut best: Vec<Option<Cell>> = vec![None; targets.len()];
+            for _ in 0..args.repeat.max(1) {
+                for (k, (target, server_url, client_extra)) in targets.iter().enumerate() {
+                    let cell = measure(
+                        &rt,
+                        server_url,
+                        client_extra,
+                        payload,
+                        clients,
+                        &args,
+                        secs,
+                        target,
+                    );
+                    let rate = |c: &Cell| c.samples as f64 / c.secs;
+                    if best[k].as_ref().is_none_or(|b| rate(&cell) > rate(b)) {
+                        best[k] = Some(cell);
+                    }
+                }
+            }
+            let tcp_rate = targets
+                .iter()
+                .position(|t| t.0 == "tcp")
+                .and_then(|k| best[k])
+                .map(|c| c.samples as f64 / c.secs);
+            for ((target, _, _), cell) in targets.iter().zip(&best) {
+                let cell = cell.expect("at least one run");
+                let rate = cell.samples as f64 / cell.secs;
+                let vs = tcp_rate
+                    .filter(|_| target != "tcp")
+                    .map(|t| format!("{:.0} %", rate / t * 100.0))
+                    .unwrap_or_default();
+                let n = cell.samples.max(1) as f64;
+                println!(
+                    "| {} | {clients} | {target} | {} | {:.1} | {vs} | {:.2} | {:.2} |",
+                    fmt_size(payload),
+                    fmt_rate(rate),
+                    rate * payload as f64 / 1e6,
+                    cell.server_cpu / n * 1e6,
+                    cell.client_cpu / n * 1e6,
+                );
+                std::io::stdout().flush().ok();
+            }
+        }
+    }
+}
