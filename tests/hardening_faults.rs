@@ -280,3 +280,141 @@ async fn run() {
         got.keys()
     );
 }
+
+/// Checks every sample of `batch` byte for byte and records it.
+fn take_batch(batch: &echo::Batch, got: &mut HashMap<u32, Vec<u32>>) {
+    let spec = batch.spec().clone();
+    let (mut p, mut scratch) = (Vec::new(), Vec::new());
+    for k in 0..batch.len() {
+        batch.copy_sample(k, &mut p);
+        let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
+        got.entry(c).or_default().push(s);
+    }
+}
+
+/// This process's resident set, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stalled_for_seconds_keeps_memory_bounded_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let stall = Duration::from_secs(3);
+    let run = async {
+        let size = 16 * 1024;
+        let spec = kit_spec(size);
+        let server = Server::builder(spec.clone())
+            .batch_size(16)
+            .num_buffers(4)
+            .registry(echo::registry())
+            .build()
+            .unwrap();
+        let url = server.listen("tcp://127.0.0.1:0").await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for id in 0..4u32 {
+            let (url, spec, stop) = (url.clone(), spec.clone(), stop.clone());
+            clients.push(tokio::spawn(async move {
+                let opts = ClientOptions {
+                    connect_timeout: Duration::from_secs(5),
+                    ..ClientOptions::default()
+                };
+                let mut c = echo::registry().connect(&url, &spec, &opts).await.unwrap();
+                let mut buf = Vec::new();
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    kit_sample(&spec, id, seq, &mut buf);
+                    c.send(&buf).await.unwrap();
+                    seq += 1;
+                }
+                c.wait().await.unwrap();
+                assert_eq!(
+                    c.stats().acked,
+                    u64::from(seq),
+                    "client {id}: acked after wait()"
+                );
+                c.close().await.unwrap();
+                seq
+            }));
+        }
+        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
+        let take = |batch: echo::Batch, got: &mut HashMap<u32, Vec<u32>>| take_batch(&batch, got);
+        // Flowing: 20 batches.
+        for _ in 0..20 {
+            take(server.next_batch().await.unwrap(), &mut got);
+        }
+        // Stalled: nobody consumes; the clients keep trying.
+        let before = rss_kib();
+        let inserted_before = server.metrics().samples_inserted_total;
+        let mut peak = before;
+        let t = Instant::now();
+        while t.elapsed() < stall {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            peak = peak.max(rss_kib());
+        }
+        let inserted_during = server.metrics().samples_inserted_total - inserted_before;
+        // Resumed: the flow picks up, then the clients stop and everything drains.
+        let resumed_at = got.values().map(Vec::len).sum::<usize>();
+        for _ in 0..20 {
+            take(server.next_batch().await.unwrap(), &mut got);
+        }
+        // The clients wait for their last acks, which need room in the ring:
+        // keep consuming meanwhile.
+        stop.store(true, Ordering::Relaxed);
+        let drain = {
+            let server = server.clone();
+            tokio::spawn(async move {
+                while let Some(batch) = server.next_batch().await {
+                    take_batch(&batch, &mut got);
+                }
+                got
+            })
+        };
+        let mut sent = Vec::new();
+        for c in clients {
+            sent.push(c.await.unwrap());
+        }
+        server.shutdown().await.unwrap();
+        let got = drain.await.unwrap();
+        eprintln!(
+            "stalled consumer: RSS {before} KiB at the stall, peak {peak} KiB over {stall:?}; \
+             {inserted_during} samples inserted while stalled; {resumed_at} consumed before, \
+             {} in all",
+            got.values().map(Vec::len).sum::<usize>()
+        );
+        // The ring holds 4 x 16 samples of 16 KiB (allocated before the stall);
+        // the per-connection queues (8 x 256 KiB each) and the clients' windows
+        // (32 x 16 KiB each) add about 10 MiB at most. An unbounded server would
+        // buffer everything the clients can send in 3 s instead (hundreds of MiB).
+        assert!(
+            peak.saturating_sub(before) < 64 * 1024,
+            "RSS grew from {before} KiB to {peak} KiB while the consumer was stalled"
+        );
+        assert!(
+            inserted_during <= 2 * 4 * 16,
+            "{inserted_during} samples went into a ring of 64 while nobody consumed"
+        );
+        for (id, &n) in sent.iter().enumerate() {
+            let id = id as u32;
+            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
+            assert!(
+                seqs.iter().copied().eq(0..n),
+                "client {id}: expected 0..{n} once each in order, got {} samples",
+                seqs.len()
+            );
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(40), run)
+        .await
+        .expect("the stalled-consumer test took over 40 s");
+}
