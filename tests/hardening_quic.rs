@@ -1,0 +1,229 @@
+//! Hostile peers against a `quic://` server while well-behaved clients keep
+//! sending: garbage instead of the client hello, a hello that never finishes,
+//! a stream sending one byte at a time, and a flood of QUIC connections that never
+//! open a stream. Every well-behaved sample arrives exactly once, byte-exact.
+//! (Streams over `max_streams` and connections over `max_conns` are in
+//! echo-quic's own tests.)
+#![cfg(feature = "quic")]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::time::Duration;
+
+use echo::quic::{quinn, raw_connection};
+use echo::wire::{handshake_bytes, CLIENT_HELLO};
+use echo::{ClientOptions, Limits, Server, Spec};
+use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
+use tokio::task::JoinHandle;
+
+async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}
+
+fn opts() -> ClientOptions {
+    ClientOptions {
+        connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Consumes until shutdown; every sample must be a kit sample, byte-exact.
+fn spawn_consumer(server: &Server) -> JoinHandle<HashMap<u32, Vec<u32>>> {
+    let server = server.clone();
+    tokio::spawn(async move {
+        let spec = server.spec().clone();
+        let (mut p, mut scratch) = (Vec::new(), Vec::new());
+        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
+        while let Some(batch) = server.next_batch().await {
+            for k in 0..batch.len() {
+                batch.copy_sample(k, &mut p);
+                let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
+                got.entry(c).or_default().push(s);
+            }
+        }
+        got
+    })
+}
+
+fn spawn_good(url: &str, spec: &Spec, ids: Range<u32>, n: u32) -> Vec<JoinHandle<()>> {
+    ids.map(|id| {
+        let (url, spec) = (url.to_string(), spec.clone());
+        tokio::spawn(async move {
+            let mut c = echo::registry()
+                .connect(&url, &spec, &opts())
+                .await
+                .unwrap();
+            let mut buf = Vec::new();
+            for seq in 0..n {
+                kit_sample(&spec, id, seq, &mut buf);
+                c.send(&buf).await.unwrap();
+            }
+            c.wait().await.unwrap();
+            assert_eq!(c.stats().acked, u64::from(n));
+            c.close().await.unwrap();
+        })
+    })
+    .collect()
+}
+
+/// Opens `n` QUIC connections to the server at `url` from ONE client endpoint
+/// (each endpoint has megabytes of receive buffers, which would hide the server's
+/// share of the process's memory), completing the TLS handshake and nothing else.
+async fn silent_connections(url: &str, n: usize) -> (quinn::Endpoint, Vec<quinn::Connection>) {
+    use quinn::crypto::rustls::QuicClientConfig;
+    use quinn::rustls;
+    let url = echo::Url::parse(url).unwrap();
+    let ca = url
+        .query_pairs()
+        .find(|(k, _)| k == "ca")
+        .map(|(_, v)| std::path::PathBuf::from(v.as_ref()))
+        .expect("the listener URL names its certificate");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(echo::quic::load_certs(&ca).unwrap());
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![echo::quic::ALPN.to_vec()];
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
+        .parse()
+        .unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let c = within(
+            10,
+            "a QUIC handshake",
+            ep.connect(addr, "127.0.0.1").unwrap(),
+        )
+        .await
+        .unwrap();
+        conns.push(c);
+    }
+    (ep, conns)
+}
+
+/// Reads a stream to its end (or reset), bounded; returns what came.
+async fn read_to_end(recv: &mut quinn::RecvStream, secs: u64) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    within(secs, "the server ending the stream", async {
+        loop {
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hellos_slow_streams_and_silent_connections_harm_no_one() {
+    within(60, "the test", async {
+        let spec = kit_spec(64);
+        let server = Server::builder(spec.clone())
+            .batch_size(16)
+            .limits(Limits {
+                handshake_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            })
+            .registry(echo::registry())
+            .build()
+            .unwrap();
+        let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+        let consumer = spawn_consumer(&server);
+        let good = spawn_good(&url, &spec, 0..3, 400);
+
+        // Garbage instead of the hello: the stream ends without a handshake.
+        let (_ep, conn) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_to_end(&mut recv, 10).await;
+        assert!(got.is_empty(), "a bad hello got {got:?}");
+
+        // Half a hello, then silence: closed after the handshake timeout (1 s).
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&CLIENT_HELLO[..2]).await.unwrap();
+        let got = read_to_end(&mut recv, 10).await;
+        assert!(got.is_empty(), "an unfinished hello got {got:?}");
+        drop(send);
+
+        // The same connection still serves a proper stream, one byte at a time.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&CLIENT_HELLO).await.unwrap();
+        let want = handshake_bytes(&spec.wire());
+        let mut hs = vec![0u8; want.len()];
+        within(10, "the handshake", recv.read_exact(&mut hs))
+            .await
+            .unwrap();
+        assert_eq!(hs, want);
+        let mut sample = Vec::new();
+        kit_sample(&spec, 500, 0, &mut sample);
+        for b in &sample {
+            send.write_all(&[*b]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut ack = [0u8; 1];
+        within(10, "the slow stream's ack", recv.read_exact(&mut ack))
+            .await
+            .unwrap();
+        assert_eq!(ack, [1]);
+        send.finish().unwrap();
+
+        // A flood of QUIC connections that never open a stream.
+        let before = rss_kib();
+        let (_silent_ep, silent) = silent_connections(&url, 50).await;
+        let later = spawn_good(&url, &spec, 3..5, 200);
+        for g in good.into_iter().chain(later) {
+            within(30, "a good client", g).await.unwrap();
+        }
+        let after = rss_kib();
+        eprintln!(
+            "quic: RSS {before} KiB before, {after} KiB with 50 silent connections (and 400 more samples)"
+        );
+        assert!(
+            after.saturating_sub(before) < 64 * 1024,
+            "RSS grew from {before} KiB to {after} KiB"
+        );
+        within(15, "shutdown with silent connections", server.shutdown())
+            .await
+            .unwrap();
+        let got = within(10, "the consumer", consumer).await.unwrap();
+        for (id, n) in [(0, 400), (1, 400), (2, 400), (3, 200), (4, 200), (500, 1)] {
+            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
+            assert!(
+                seqs.iter().copied().eq(0..n),
+                "client {id}: expected 0..{n} once each in order, got {} samples",
+                seqs.len()
+            );
+        }
+        assert_eq!(got.len(), 6, "unexpected ids: {:?}", got.keys());
+        // Shutdown closed the silent connections.
+        for c in &silent {
+            within(10, "a silent connection's close", c.closed()).await;
+        }
+    })
+    .await
+}
