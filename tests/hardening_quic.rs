@@ -126,11 +126,9 @@ async fn read_to_end(recv: &mut quinn::RecvStream, secs: u64) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
     within(secs, "the server ending the stream", async {
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => got.extend_from_slice(&buf[..n]),
-                Ok(None) | Err(_) => break,
-            }
+        // The end, or a reset: either way the stream is over.
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
         }
     })
     .await;
