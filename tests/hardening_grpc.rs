@@ -1,0 +1,204 @@
+//! Hostile peers against a `grpc://` server while well-behaved clients keep
+//! sending: messages over the per-message limits, bytes that are not HTTP/2, and a
+//! flood of TCP connections that never send anything. Each hostile peer is refused
+//! or held on its own; every well-behaved sample arrives exactly once, byte-exact,
+//! and nothing from a refused message reaches a batch.
+#![cfg(feature = "grpc")]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use echo::grpc::proto::PushRequest;
+use echo::{ClientOptions, Server, Spec, Url};
+use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+fn spawn_consumer(server: &Server) -> JoinHandle<HashMap<u32, Vec<u32>>> {
+    let server = server.clone();
+    tokio::spawn(async move {
+        let spec = server.spec().clone();
+        let (mut p, mut scratch) = (Vec::new(), Vec::new());
+        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
+        while let Some(batch) = server.next_batch().await {
+            for k in 0..batch.len() {
+                batch.copy_sample(k, &mut p);
+                let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
+                got.entry(c).or_default().push(s);
+            }
+        }
+        got
+    })
+}
+
+fn spawn_good(url: &str, spec: &Spec, ids: Range<u32>, n: u32) -> Vec<JoinHandle<()>> {
+    ids.map(|id| {
+        let (url, spec) = (url.to_string(), spec.clone());
+        tokio::spawn(async move {
+            let opts = ClientOptions {
+                connect_timeout: Duration::from_secs(10),
+                ..ClientOptions::default()
+            };
+            let mut c = echo::registry().connect(&url, &spec, &opts).await.unwrap();
+            let mut buf = Vec::new();
+            for seq in 0..n {
+                kit_sample(&spec, id, seq, &mut buf);
+                c.send(&buf).await.unwrap();
+            }
+            c.wait().await.unwrap();
+            assert_eq!(c.stats().acked, u64::from(n));
+            c.close().await.unwrap();
+        })
+    })
+    .collect()
+}
+
+/// Pushes one message of kit samples `0..count` of client 900, cut to `len`
+/// bytes, on a fresh Push stream; returns the status it was refused with.
+async fn push_refused(url: &str, spec: &Spec, count: u32, len: usize) -> (String, String) {
+    let mut api = echo::grpc::api_client(&Url::parse(url).unwrap(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let (mut body, mut buf) = (Vec::new(), Vec::new());
+    for seq in 0..count {
+        kit_sample(spec, 900, seq, &mut buf);
+        body.extend_from_slice(&buf);
+    }
+    body.truncate(len);
+    let msg = PushRequest {
+        payloads: Bytes::from(body),
+    };
+    let reply = within(10, "the refusal", async {
+        match api.push(futures::stream::iter([msg])).await {
+            Ok(r) => r.into_inner().message().await,
+            Err(s) => Err(s),
+        }
+    })
+    .await;
+    let s = match reply {
+        Ok(r) => panic!("a message of {count} payloads was accepted: {r:?}"),
+        Err(s) => s,
+    };
+    (format!("{:?}", s.code()), s.message().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_non_http2_bytes_and_silent_connections_harm_no_one() {
+    within(60, "the test", async {
+        let spec = kit_spec(64);
+        let server = Server::builder(spec.clone())
+            .batch_size(16)
+            .registry(echo::registry())
+            .build()
+            .unwrap();
+        let url = server
+            .listen("grpc://127.0.0.1:0?max_payloads=4")
+            .await
+            .unwrap();
+        let addr = url.strip_prefix("grpc://").unwrap().to_string();
+        let consumer = spawn_consumer(&server);
+        let good = spawn_good(&url, &spec, 0..3, 400);
+
+        // One payload short of its size: INVALID_ARGUMENT naming both sizes.
+        let (code, msg) = push_refused(&url, &spec, 1, 63).await;
+        assert_eq!(code, "InvalidArgument", "{msg}");
+        assert!(msg.contains("64") && msg.contains("63"), "{msg}");
+        // Over the message limit (4 payloads of 64 bytes plus framing), a little
+        // and a lot: refused before it is decoded, OUT_OF_RANGE naming the limit.
+        for count in [5, 256] {
+            let (code, msg) = push_refused(&url, &spec, count, 64 * count as usize).await;
+            assert_eq!(code, "OutOfRange", "{msg}");
+            assert!(msg.contains("limit"), "{msg}");
+        }
+
+        // Bytes that are not HTTP/2: the connection is closed, not left hanging.
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = within(10, "closing a non-HTTP/2 peer", s.read_to_end(&mut rest)).await;
+
+        // A flood of TCP connections that never send the HTTP/2 preface.
+        let before = rss_kib();
+        let mut silent = Vec::new();
+        for _ in 0..200 {
+            silent.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        let later = spawn_good(&url, &spec, 3..5, 200);
+        for g in good.into_iter().chain(later) {
+            within(30, "a good client", g).await.unwrap();
+        }
+        let after = rss_kib();
+        eprintln!("grpc: RSS {before} KiB before, {after} KiB with 200 silent connections");
+        assert!(
+            after.saturating_sub(before) < 64 * 1024,
+            "RSS grew from {before} KiB to {after} KiB with 200 silent connections"
+        );
+        // The silent peers leave before the shutdown: a silent peer still open
+        // holds the shutdown for its whole grace period (see the ignored test
+        // below).
+        drop(silent);
+        within(15, "shutdown", server.shutdown()).await.unwrap();
+        let got = within(10, "the consumer", consumer).await.unwrap();
+        for (id, n) in [(0, 400), (1, 400), (2, 400), (3, 200), (4, 200)] {
+            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
+            assert!(
+                seqs.iter().copied().eq(0..n),
+                "client {id}: expected 0..{n} once each in order, got {} samples",
+                seqs.len()
+            );
+        }
+        assert!(
+            !got.contains_key(&900),
+            "samples of a refused message reached a batch"
+        );
+        assert_eq!(got.len(), 5, "unexpected ids: {:?}", got.keys());
+    })
+    .await
+}
+
+/// Known issue (echo-grpc): a TCP connection that never sends the HTTP/2 preface
+/// keeps tonic's graceful shutdown waiting, so `Server::shutdown` takes the whole
+/// `shutdown_grace` (10 s by default) and then forces the drain. The wire v1
+/// transports close such peers at once (tests/hardening_tcp.rs). Run with
+/// `--ignored` to see it; with a 60 s grace the shutdown exceeds this test's 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known issue: a silent pre-HTTP/2 connection delays gRPC shutdown by the whole grace period"]
+async fn shutdown_is_not_held_by_a_connection_that_never_sends_the_preface() {
+    let spec = kit_spec(64);
+    let server = Server::builder(spec.clone())
+        .batch_size(4)
+        .shutdown_grace(Duration::from_secs(60))
+        .registry(echo::registry())
+        .build()
+        .unwrap();
+    let url = server.listen("grpc://127.0.0.1:0").await.unwrap();
+    let _silent = TcpStream::connect(url.strip_prefix("grpc://").unwrap())
+        .await
+        .unwrap();
+    // Let the server accept it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    within(20, "shutdown with one silent connection", server.shutdown())
+        .await
+        .unwrap();
+}
