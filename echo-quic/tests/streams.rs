@@ -384,6 +384,48 @@ async fn shutdown_closes_idle_connections_and_clients_see_it() {
 }
 
 #[tokio::test]
+async fn a_stream_over_max_connections_is_refused_clearly() {
+    bounded(async {
+        let server = Server::builder(spec())
+            .batch_size(4)
+            .max_connections(1)
+            .registry(registry())
+            .build()
+            .unwrap();
+        let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+        let e = match registry()
+            .connect(&format!("{url}&streams=2"), &spec(), &options(8))
+            .await
+        {
+            Ok(_) => panic!("the second stream should be refused"),
+            Err(e) => e,
+        };
+        eprintln!("{e}");
+        assert!(
+            e.is_closed() && e.to_string().contains("refused stream 1"),
+            "{e}"
+        );
+        // The refused client's first stream is gone with it; one stream fits.
+        let mut ok = None;
+        for _ in 0..100 {
+            match registry().connect(&url, &spec(), &options(8)).await {
+                Ok(c) => {
+                    ok = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let mut ok = ok.expect("one stream within max_connections");
+        ok.send(&[9; SIZE]).await.unwrap();
+        ok.wait().await.unwrap();
+        ok.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn factory_default_streams_apply() {
     bounded(async {
         let (server, url) = server("", 8).await;

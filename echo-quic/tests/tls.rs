@@ -106,6 +106,9 @@ async fn generated_certificate_is_written_reported_and_trusted() {
         client.close().await.unwrap();
         server.shutdown().await.unwrap();
         assert!(cert.exists(), "a cert_out file given by the user stays");
+        // Both ends built their configs with an explicit provider: nothing
+        // installed, or needed, a process-wide default.
+        assert!(rustls::crypto::CryptoProvider::get_default().is_none());
     })
     .await;
 }
