@@ -3,6 +3,7 @@
 //! 4 GiB, cost a bounded wait at most, while samples keep flowing and the server
 //! keeps answering. (Owner-only Unix control sockets and each malformed record
 //! kind are in tests/echo_server.rs.)
+#![cfg(feature = "tcp")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
