@@ -137,6 +137,9 @@ impl TransportFactory for QuicTransportFactory {
         let socket = tuning.socket(addr)?;
         let bound = socket.local_addr()?;
         let mut remove_cert = false;
+        // A generated certificate is written once the endpoint is up, so a bind
+        // that fails leaves no file behind.
+        let mut pem_to_write = None;
         let (chain, key, cert_path) = match (cert, key) {
             (Some(cert), Some(key)) => {
                 if cert_out.is_some() || names.is_some() {
@@ -163,7 +166,7 @@ impl TransportFactory for QuicTransportFactory {
                 let ss = tls::self_signed(names)?;
                 remove_cert = cert_out.is_none();
                 let path = cert_out.unwrap_or_else(|| default_cert_path(bound));
-                tls::write_cert(&path, &ss.pem)?;
+                pem_to_write = Some(ss.pem);
                 (vec![ss.cert], ss.key, path)
             }
         };
@@ -179,6 +182,12 @@ impl TransportFactory for QuicTransportFactory {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
+        if let Some(pem) = pem_to_write {
+            if let Err(e) = tls::write_cert(&cert_path, &pem) {
+                endpoint.close(CODE_SHUTDOWN.into(), b"");
+                return Err(e);
+            }
+        }
 
         let mut local = Url::parse(&format!("quic://{bound}"))
             .map_err(|e| url_err(url, format!("bound address {bound}: {e}")))?;

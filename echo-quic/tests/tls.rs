@@ -366,6 +366,15 @@ async fn bad_configuration_gets_clear_errors() {
         ))
         .await;
         assert!(msg.contains("no usable PEM private key"), "{msg}");
+        let msg = bind_err(format!(
+            "quic://127.0.0.1:0?cert_out={}",
+            enc(&dir.path().join("no-such-dir").join("c.pem"))
+        ))
+        .await;
+        assert!(
+            msg.contains("cannot write the server certificate") && msg.contains("no-such-dir"),
+            "{msg}"
+        );
         let msg = bind_err("quic://127.0.0.1:0?max_streams=0".into()).await;
         assert!(
             msg.contains("max_streams must be between 1 and 1024, got 0"),
