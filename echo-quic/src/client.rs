@@ -41,8 +41,10 @@ pub const DEFAULT_LINGER: Duration = Duration::from_secs(10);
 ///   server's certificate;
 /// * `streams` (default 1, or the factory's [`with_streams`](Self::with_streams)):
 ///   streams opened on the connection; samples go to the stream with the most
-///   room, so a stalled stream does not hold up the others. Per-client order is
-///   kept only with one stream;
+///   room, so a stalled stream does not hold up the others (with several
+///   streams `send` copies each payload into its stream's outgoing buffer and
+///   never waits on a stream's flow control). Per-client order is kept only
+///   with one stream;
 /// * `linger` (seconds, default 10): how long `close` waits for every sent
 ///   payload to be acknowledged before closing the connection anyway;
 /// * the [`Tuning`] parameters.

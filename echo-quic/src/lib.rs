@@ -16,7 +16,8 @@
 //!   server's handshake, raw payloads and one-byte acks, served by
 //!   [`echo_core::stream::serve_stream`] like TCP. A client may spread samples
 //!   over several streams of one connection; each stream has its own flow
-//!   control, so a stalled stream does not stall the others.
+//!   control, so a stalled stream does not stall the others. `max_inflight` is
+//!   per client, split over its streams.
 //!
 //! Flow-control windows, congestion control and packet sizes are in [`Tuning`];
 //! the server bounds streams per connection (`max_streams`) and connections
