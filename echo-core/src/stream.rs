@@ -327,8 +327,9 @@ enum Output {
     /// `send` and `close` reach the writer through `&mut self` (`get_mut`).
     Direct {
         writer: Mutex<Option<BoxWriter>>,
-        /// A `send` was cancelled mid-write: the stream is out of step.
-        torn: bool,
+        /// Bytes of the payload being written, while a `send` writes it; still set
+        /// afterwards only if that `send` was cancelled.
+        pending: Option<usize>,
     },
 }
 
@@ -336,7 +337,9 @@ impl std::fmt::Debug for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Output::Buffered { .. } => f.write_str("Buffered"),
-            Output::Direct { torn, .. } => f.debug_struct("Direct").field("torn", torn).finish(),
+            Output::Direct { pending, .. } => {
+                f.debug_struct("Direct").field("pending", pending).finish()
+            }
         }
     }
 }
@@ -431,7 +434,7 @@ impl StreamClient {
         let output = if direct {
             Output::Direct {
                 writer: Mutex::new(Some(Box::pin(writer))),
-                torn: false,
+                pending: None,
             }
         } else {
             let outbox = Arc::new(Outbox::default());
@@ -488,26 +491,30 @@ impl StreamClient {
                 }
                 Ok(())
             }
-            Output::Direct { writer, torn } => {
-                if *torn {
-                    return Err(Error::closed(format!(
-                        "a send to {} was cancelled mid-payload; the stream cannot continue",
-                        self.peer
-                    )));
-                }
+            Output::Direct { writer, pending } => {
+                settle_cancelled(pending, &self.window, &self.peer)?;
                 self.window.acquire(1).await?;
                 let Some(w) = writer.get_mut().unwrap_or_else(|e| e.into_inner()) else {
                     return Err(Error::closed(format!("client for {} is closed", self.peer)));
                 };
-                // Cleared only if the write is not cancelled half-way.
-                *torn = true;
+                // Progress is recorded as it goes: if this future is dropped half-way,
+                // the next call knows whether the stream is still in step.
+                *pending = Some(0);
+                let mut done = 0;
                 let r = async {
-                    w.write_all(payload).await?;
+                    while done < payload.len() {
+                        let n = w.write(&payload[done..]).await?;
+                        if n == 0 {
+                            return Err(io::ErrorKind::WriteZero.into());
+                        }
+                        done += n;
+                        *pending = Some(done);
+                    }
                     w.flush().await
                 }
                 .await;
-                *torn = false;
-                r.map_err(|e| {
+                *pending = None;
+                r.map_err(|e: io::Error| {
                     let msg = format!("connection to {} lost: {e}", self.peer);
                     self.window.close(msg.clone());
                     Error::closed(msg)
@@ -518,6 +525,9 @@ impl StreamClient {
 
     /// [`Client::wait`] without boxing the future.
     pub async fn wait_acked(&mut self) -> Result<()> {
+        if let Output::Direct { pending, .. } = &mut self.output {
+            settle_cancelled(pending, &self.window, &self.peer)?;
+        }
         self.window.wait_all().await
     }
 
@@ -539,9 +549,10 @@ impl StreamClient {
                     let _ = t.await;
                 }
             }
-            Output::Direct { writer, torn } => {
+            Output::Direct { writer, pending } => {
                 let w = writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-                if let (Some(mut w), false) = (w, *torn) {
+                // After a write cancelled half-way, just drop the stream.
+                if let (Some(mut w), None | Some(0)) = (w, *pending) {
                     let _ = timeout(std::time::Duration::from_secs(5), w.shutdown()).await;
                 }
             }
@@ -550,6 +561,32 @@ impl StreamClient {
         self.window
             .close(format!("client for {} is closed", self.peer));
         Ok(())
+    }
+}
+
+/// Deals with a direct `send` that was cancelled: one that wrote nothing gives its
+/// window slot back; one that wrote part of a payload leaves the stream out of step,
+/// which closes the client.
+fn settle_cancelled(
+    pending: &mut Option<usize>,
+    window: &InflightWindow,
+    peer: &str,
+) -> Result<()> {
+    match pending.take() {
+        None => Ok(()),
+        Some(0) => {
+            window.unsend(1);
+            Ok(())
+        }
+        Some(done) => {
+            let msg = format!(
+                "a send to {peer} was cancelled after {done} bytes of its payload; \
+                 the stream cannot continue"
+            );
+            window.close(msg.clone());
+            *pending = Some(done);
+            Err(Error::closed(msg))
+        }
     }
 }
 

@@ -37,9 +37,13 @@ struct Args {
     /// Short runs (0.3 s per cell) to check that everything works.
     #[arg(long)]
     quick: bool,
-    /// Seconds per measurement (default 2, or 0.3 with --quick).
+    /// Seconds per measurement (default 1.5, or 0.3 with --quick).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Interleaved repetitions of every measurement; tables show medians
+    /// (default 3, or 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
     /// Payload sizes in bytes (multiples of 4, at least 8).
     #[arg(long, value_delimiter = ',', default_value = "20,16384,1048576")]
     sizes: Vec<usize>,
@@ -466,9 +470,9 @@ async fn load_raw(port: u16, payload: usize, clients: usize, secs: f64) -> Rate 
     }
 }
 
-/// id-echo's Python TcpClient against `port`.
+/// id-echo's Python TcpClient against `port` (killed if it hangs).
 fn python_client(port: u16, payload: usize, secs: f64, max_inflight: usize) -> Rate {
-    let out = Command::new(python())
+    let mut child = Command::new(python())
         .arg(bench_script())
         .args([
             "client",
@@ -483,10 +487,23 @@ fn python_client(port: u16, payload: usize, secs: f64, max_inflight: usize) -> R
             "--max-inflight",
             &max_inflight.to_string(),
         ])
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
         .expect("python client");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs + 60.0);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the Python client against port {port} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut text = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut text);
+    }
     let line = text
         .lines()
         .find(|l| l.starts_with("RESULT"))
@@ -535,12 +552,13 @@ fn ratio(a: Option<Rate>, b: Option<Rate>) -> String {
     }
 }
 
+/// Server / load-generator CPU microseconds per sample.
 fn fmt_cpu(m: Option<Measured>) -> String {
     match m {
         None => "-".into(),
         Some(m) => {
             let (s, c) = m.cpu_us();
-            if s < 10.0 {
+            if s < 10.0 && c < 10.0 {
                 format!("{s:.2} / {c:.2}")
             } else {
                 format!("{s:.0} / {c:.0}")
@@ -549,12 +567,31 @@ fn fmt_cpu(m: Option<Measured>) -> String {
     }
 }
 
-struct Row {
-    payload: usize,
-    clients: usize,
-    raw: Option<Measured>,
-    ours: Option<Measured>,
-    id_echo: Option<Measured>,
+/// The run with the median rate.
+fn median(v: &[Measured]) -> Option<Measured> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.rate.per_sec().total_cmp(&b.rate.per_sec()));
+    v.get(v.len() / 2).copied()
+}
+
+/// `median (min–max)` of the rates, in samples/s.
+fn fmt_spread(v: &[Measured]) -> String {
+    let Some(m) = median(v) else {
+        return "-".into();
+    };
+    if v.len() < 2 {
+        return format!("{:.0}", m.rate.per_sec());
+    }
+    let lo = v.iter().map(|x| x.rate.per_sec()).fold(f64::MAX, f64::min);
+    let hi = v.iter().map(|x| x.rate.per_sec()).fold(0.0, f64::max);
+    format!("{:.0} ({lo:.0}–{hi:.0})", m.rate.per_sec())
+}
+
+#[derive(Default)]
+struct Cell {
+    raw: Vec<Measured>,
+    ours: Vec<Measured>,
+    id_echo: Vec<Measured>,
 }
 
 fn main() {
@@ -565,7 +602,8 @@ fn main() {
         Some(other) => panic!("unknown --role {other}"),
         None => {}
     }
-    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
+    let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 1.5 });
+    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let want = |t: &str| args.targets.iter().any(|x| x == t);
     for t in &args.targets {
         assert!(
@@ -582,60 +620,72 @@ fn main() {
         .build()
         .expect("runtime");
     let started = Instant::now();
-    let mut rows = Vec::new();
-    let mut py_rows = Vec::new();
+    let mi = args.max_inflight;
+    let mut cells: Vec<((usize, usize), Cell)> = Vec::new();
+    let mut py_cells: Vec<(usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
     for &payload in &args.sizes {
         let raw = want("raw").then(start_raw);
         let ours = (want("ours") || want("py")).then(|| start_ours(payload, args.drainers));
         let ide = (want("id-echo") || want("py")).then(|| start_id_echo(payload));
+        let first = cells.len();
         for &clients in &args.clients {
-            let mi = args.max_inflight;
-            let row =
-                Row {
-                    payload,
+            cells.push(((payload, clients), Cell::default()));
+        }
+        let mut py = (payload, Vec::new(), Vec::new());
+        // Repetitions interleave the targets, so that load from elsewhere on the
+        // machine spreads over all of them; the tables report medians.
+        for rep in 0..reps {
+            for (k, &clients) in args.clients.iter().enumerate() {
+                let cell = &mut cells[first + k].1;
+                if let Some(p) = raw.as_ref() {
+                    cell.raw.push(measured(p, || {
+                        rt.block_on(load_raw(p.port, payload, clients, secs))
+                    }));
+                }
+                if let (true, Some(p)) = (want("ours"), ours.as_ref()) {
+                    cell.ours.push(measured(p, || {
+                        rt.block_on(load(p.port, payload, clients, secs, mi))
+                    }));
+                }
+                if let (true, Some(p)) = (want("id-echo"), ide.as_ref()) {
+                    cell.id_echo.push(measured(p, || {
+                        rt.block_on(load(p.port, payload, clients, secs, mi))
+                    }));
+                }
+                if raw.is_none() && !want("ours") && !want("id-echo") {
+                    continue;
+                }
+                let last = |v: &Vec<Measured>| v.last().copied();
+                let (rs, rm) = fmt_rate(last(&cell.raw).map(|m| m.rate));
+                let (os, om) = fmt_rate(last(&cell.ours).map(|m| m.rate));
+                let (is, im) = fmt_rate(last(&cell.id_echo).map(|m| m.rate));
+                eprintln!(
+                    "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
+                    started.elapsed().as_secs_f64(),
+                    size_name(payload),
                     clients,
-                    raw: raw.as_ref().map(|p| {
-                        measured(p, || rt.block_on(load_raw(p.port, payload, clients, secs)))
-                    }),
-                    ours: ours.as_ref().filter(|_| want("ours")).map(|p| {
-                        measured(p, || rt.block_on(load(p.port, payload, clients, secs, mi)))
-                    }),
-                    id_echo: ide.as_ref().filter(|_| want("id-echo")).map(|p| {
-                        measured(p, || rt.block_on(load(p.port, payload, clients, secs, mi)))
-                    }),
-                };
-            let (rs, rm) = fmt_rate(row.raw.map(|m| m.rate));
-            let (os, om) = fmt_rate(row.ours.map(|m| m.rate));
-            let (is, im) = fmt_rate(row.id_echo.map(|m| m.rate));
-            eprintln!(
-                "[{:>5.1}s] {:>7} x{:<2}: raw {rs:>10}/s {rm:>7} MiB/s | ours {os:>10}/s {om:>7} MiB/s cpu {} | id-echo {is:>10}/s {im:>7} MiB/s cpu {}",
-                started.elapsed().as_secs_f64(),
-                size_name(payload),
-                clients,
-                fmt_cpu(row.ours),
-                fmt_cpu(row.id_echo),
-            );
-            rows.push(row);
+                    fmt_cpu(last(&cell.ours)),
+                    fmt_cpu(last(&cell.id_echo)),
+                );
+            }
+            if want("py") {
+                if let Some(p) = ide.as_ref() {
+                    py.1.push(measured(p, || python_client(p.port, payload, secs, mi)));
+                }
+                if let Some(p) = ours.as_ref() {
+                    py.2.push(measured(p, || python_client(p.port, payload, secs, mi)));
+                }
+                eprintln!(
+                    "[{:>5.1}s] {:>7} #{rep} Python TcpClient: id-echo {}/s, ours {}/s",
+                    started.elapsed().as_secs_f64(),
+                    size_name(payload),
+                    fmt_rate(py.1.last().map(|m| m.rate)).0,
+                    fmt_rate(py.2.last().map(|m| m.rate)).0
+                );
+            }
         }
         if want("py") {
-            let on_ide = ide.as_ref().map(|p| {
-                measured(p, || {
-                    python_client(p.port, payload, secs, args.max_inflight)
-                })
-            });
-            let on_ours = ours.as_ref().map(|p| {
-                measured(p, || {
-                    python_client(p.port, payload, secs, args.max_inflight)
-                })
-            });
-            eprintln!(
-                "[{:>5.1}s] {:>7} Python TcpClient: id-echo {}/s, ours {}/s",
-                started.elapsed().as_secs_f64(),
-                size_name(payload),
-                fmt_rate(on_ide.map(|m| m.rate)).0,
-                fmt_rate(on_ours.map(|m| m.rate)).0
-            );
-            py_rows.push((payload, on_ide, on_ours));
+            py_cells.push(py);
         }
         for p in [raw, ours, ide].into_iter().flatten() {
             p.stop();
@@ -643,47 +693,49 @@ fn main() {
     }
 
     println!(
-        "Rust load generator (echo-tcp TcpClient, max_inflight {}), {secs} s per cell; \
-         CPU = server / load-generator CPU microseconds per sample:\n",
-        args.max_inflight
+        "Rust load generator: echo-tcp TcpClient, max_inflight {mi}, {secs} s per run, \
+         median of {reps} interleaved run(s) (min–max in brackets). CPU: server / \
+         load-generator CPU microseconds per sample.\n"
     );
     println!("| payload | clients | raw loopback MiB/s | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let (_, rm) = fmt_rate(r.raw.map(|m| m.rate));
-        let (os, om) = fmt_rate(r.ours.map(|m| m.rate));
-        let (is, im) = fmt_rate(r.id_echo.map(|m| m.rate));
+    for ((payload, clients), c) in &cells {
+        let (raw, ours, ide) = (median(&c.raw), median(&c.ours), median(&c.id_echo));
         println!(
-            "| {} | {} | {rm} | {os} | {om} | {} | {is} | {im} | {} | {} | {} |",
-            size_name(r.payload),
-            r.clients,
-            fmt_cpu(r.ours),
-            fmt_cpu(r.id_echo),
-            ratio(r.ours.map(|m| m.rate), r.id_echo.map(|m| m.rate)),
-            ratio(r.ours.map(|m| m.rate), r.raw.map(|m| m.rate))
+            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            size_name(*payload),
+            fmt_rate(raw.map(|m| m.rate)).1,
+            fmt_spread(&c.ours),
+            fmt_rate(ours.map(|m| m.rate)).1,
+            fmt_cpu(ours),
+            fmt_spread(&c.id_echo),
+            fmt_rate(ide.map(|m| m.rate)).1,
+            fmt_cpu(ide),
+            ratio(ours.map(|m| m.rate), ide.map(|m| m.rate)),
+            ratio(ours.map(|m| m.rate), raw.map(|m| m.rate))
         );
     }
-    if !py_rows.is_empty() {
+    if !py_cells.is_empty() {
         println!(
-            "\nid-echo's Python TcpClient (1 client, max_inflight {}); CPU = server / Python client \
-             process excluded, server only:\n",
-            args.max_inflight
+            "\nid-echo's Python TcpClient, 1 client, max_inflight {mi}, median of {reps} \
+             interleaved run(s); server CPU microseconds per sample:\n"
         );
-        println!("| payload | → id-echo samples/s | id-echo server CPU µs/sample | → ours samples/s | our server CPU µs/sample | ours / id-echo |");
+        println!("| payload | → id-echo samples/s | id-echo server CPU | → ours samples/s | our server CPU | ours / id-echo |");
         println!("|---|---|---|---|---|---|");
-        for (p, ide, ours) in &py_rows {
-            let cpu = |m: &Option<Measured>| {
-                m.map(|m| format!("{:.2}", m.cpu_us().0))
+        for (p, ide, ours) in &py_cells {
+            let cpu = |m: Option<Measured>| {
+                m.map(|m| format!("{:.1}", m.cpu_us().0))
                     .unwrap_or_else(|| "-".into())
             };
+            let (mi_, mo) = (median(ide), median(ours));
             println!(
                 "| {} | {} | {} | {} | {} | {} |",
                 size_name(*p),
-                fmt_rate(ide.map(|m| m.rate)).0,
-                cpu(ide),
-                fmt_rate(ours.map(|m| m.rate)).0,
-                cpu(ours),
-                ratio(ours.map(|m| m.rate), ide.map(|m| m.rate))
+                fmt_spread(ide),
+                cpu(mi_),
+                fmt_spread(ours),
+                cpu(mo),
+                ratio(mo.map(|m| m.rate), mi_.map(|m| m.rate))
             );
         }
     }

@@ -481,3 +481,102 @@ async fn registry_connects_both_schemes() {
     })
     .await
 }
+
+/// A fake server that sends `spec`'s handshake and then never reads.
+async fn deaf_server(spec: &Spec) -> String {
+    let hs = echo_core::wire::handshake_bytes(&spec.wire());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(&hs).await;
+            held.push(s);
+        }
+    });
+    format!("tcp://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_send_cancelled_mid_payload_closes_the_client_instead_of_corrupting_the_stream() {
+    within(60, async {
+        // Payloads this large are written from the caller's buffer inside `send`.
+        let spec = Spec::bytes(1 << 20).unwrap();
+        assert!(spec.payload_size() >= echo_core::stream::DIRECT_WRITE_MIN);
+        let url = deaf_server(&spec).await;
+        let mut client = TcpClient::connect(&url, &spec, &opts()).await.unwrap();
+        let payload = vec![7u8; spec.payload_size()];
+        // The peer never reads: socket buffers fill and a send gets stuck mid-payload.
+        let mut cancelled = false;
+        for _ in 0..31 {
+            match tokio::time::timeout(Duration::from_millis(300), client.send(&payload)).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => {
+                    cancelled = true;
+                    break;
+                }
+            }
+        }
+        assert!(
+            cancelled,
+            "socket buffers took 31 MiB without the peer reading"
+        );
+        let e = client.send(&payload).await.unwrap_err();
+        assert!(e.is_closed(), "{e}");
+        assert!(e.to_string().contains("was cancelled after"), "{e}");
+        // wait() does not hang on the payload that never went out whole.
+        let e = client.wait().await.unwrap_err();
+        assert!(e.is_closed(), "{e}");
+        client.close().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_send_cancelled_before_writing_leaves_the_client_usable() {
+    within(60, async {
+        let spec = kit_spec(256 << 10);
+        let server = Server::builder(spec.clone())
+            .batch_size(4)
+            .registry(echo_tcp::registry())
+            .build()
+            .unwrap();
+        let url = server.listen("tcp://127.0.0.1:0").await.unwrap();
+        let opts = ClientOptions {
+            max_inflight: 2,
+            ..opts()
+        };
+        let mut client = TcpClient::connect(&url, &spec, &opts).await.unwrap();
+        let mut buf = Vec::new();
+        // Nobody consumes: the ring (3 x 4) and the queue fill, acks stop, and a
+        // send waits for window room; cancelling that wait costs nothing.
+        let mut seq = 0;
+        loop {
+            kit_sample(&spec, 0, seq, &mut buf);
+            match tokio::time::timeout(Duration::from_millis(300), client.send(&buf)).await {
+                Ok(r) => {
+                    r.unwrap();
+                    seq += 1;
+                }
+                Err(_) => break,
+            }
+            assert!(seq < 1000, "sends never blocked");
+        }
+        // Consume everything; the client goes on from where it was.
+        let end = seq + 8 - seq % 4; // whole batches
+        let consumer = {
+            let server = server.clone();
+            tokio::spawn(async move { collect(&server, end as usize).await })
+        };
+        for s in seq..end {
+            kit_sample(&spec, 0, s, &mut buf);
+            client.send(&buf).await.unwrap();
+        }
+        client.wait().await.unwrap();
+        let got = consumer.await.unwrap();
+        assert_eq!(got, (0..end).map(|s| (0, s)).collect::<Vec<_>>());
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await
+}
