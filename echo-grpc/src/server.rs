@@ -438,9 +438,21 @@ impl Transport for GrpcTransport {
 
     async fn shutdown(&self) -> Result<()> {
         self.stopper.stop();
-        if let Some(server) = self.server.lock().await.take() {
-            if let Err(e) = server.await {
-                tracing::warn!("grpc server task: {e}");
+        if let Some(mut server) = self.server.lock().await.take() {
+            // Streams end on the stop signal; tonic then waits for idle connections
+            // to close. A peer that never even sent the HTTP/2 preface would hold it
+            // for ever, so past a short grace the server task is aborted, which
+            // drops whatever connections it still has.
+            match tokio::time::timeout(CLOSE_GRACE, &mut server).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("grpc server task: {e}"),
+                Err(_) => {
+                    tracing::debug!(
+                        "grpc: idle connections still open after {CLOSE_GRACE:?}; closing them"
+                    );
+                    server.abort();
+                    let _ = server.await;
+                }
             }
         }
         // Every stream's handler saw the stop; wait until they closed their
@@ -451,6 +463,9 @@ impl Transport for GrpcTransport {
         Ok(())
     }
 }
+
+/// How long shutdown lets tonic close idle connections gracefully.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
