@@ -13,6 +13,72 @@
 //!
 //! `mem://name` (in-process) is always there. [`registry()`] holds exactly what was
 //! compiled in.
+//!
+//! ## From `cargo add` to samples in batches
+//!
+//! ```toml
+//! [dependencies]
+//! echo = { version = "0.1", features = ["tcp"] }   # or "grpc", "quic", "full"
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! ```
+//!
+//! A learner serves TCP and consumes fixed-size batches; an actor (here in the same
+//! process; normally another machine, or id-echo's Python `TcpClient`) sends
+//! samples by URL:
+//!
+//! ```
+//! # #[cfg(feature = "tcp")]
+//! # #[tokio::main]
+//! # async fn main() -> echo::Result<()> {
+//! use echo::{ClientOptions, Server, Spec};
+//!
+//! // The sample pytree: leaves in optree's order (dict keys sorted).
+//! let spec = Spec::from_json(r#"{
+//!     "obs":    {"shape": [4], "dtype": "float32"},
+//!     "reward": {"shape": [],  "dtype": "float32"}
+//! }"#)?;
+//!
+//! // Learner side: a server with room for 3 batches of 8, listening on TCP.
+//! let server = Server::builder(spec.clone())
+//!     .batch_size(8)
+//!     .registry(echo::registry())
+//!     .build()?;
+//! let url = server.listen("tcp://127.0.0.1:0").await?; // port 0: pick one
+//!
+//! // Actor side: connect by URL (the server's spec is checked), send, wait for acks.
+//! let mut client = echo::registry()
+//!     .connect(&url, &spec, &ClientOptions::default())
+//!     .await?;
+//! for step in 0..8u8 {
+//!     let mut sample = Vec::new();
+//!     for x in [1.0f32, 2.0, 3.0, 4.0, step as f32] {
+//!         sample.extend_from_slice(&x.to_le_bytes()); // obs[0..4], then reward
+//!     }
+//!     client.send(&sample).await?;
+//! }
+//! client.wait().await?;
+//! client.close().await?;
+//!
+//! // Learner side: a whole batch, one contiguous buffer per leaf, no copy.
+//! let batch = server.next_batch().await.expect("a full batch");
+//! let obs: &[f32] = batch.leaf_by_name("obs").unwrap().as_slice()?; // shape (8, 4)
+//! let reward: &[f32] = batch.leaf_by_name("reward").unwrap().as_slice()?; // (8,)
+//! assert_eq!(obs.len(), 32);
+//! assert_eq!(reward, &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+//! drop(batch); // its slots go back to the writers
+//!
+//! server.shutdown().await?; // graceful: whatever was acknowledged is still handed out
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "tcp"))]
+//! # fn main() {}
+//! ```
+//!
+//! To add a transport of your own (RDMA, shared memory, WebSocket, ...), implement
+//! [`TransportFactory`], [`Transport`], [`ClientFactory`] and [`Client`], register
+//! them under a scheme in a [`Registry`], and run the conformance kit
+//! (`echo_core::testkit`, feature `testkit`) against it: `examples/custom_transport.rs`
+//! does all of that in one file.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use echo_core::*;
