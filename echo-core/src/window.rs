@@ -250,6 +250,52 @@ mod tests {
         assert!(w.acquire(1).await.unwrap_err().is_closed());
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost_between_threads() {
+        let w = Arc::new(InflightWindow::new(4));
+        let n = 40_000u64;
+        let acker = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let mut done = 0;
+                while done < n {
+                    let k = w.inflight() as u64;
+                    if k > 0 {
+                        w.ack(k).unwrap();
+                        done += k;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        let run = async {
+            for _ in 0..n {
+                w.acquire(1).await.unwrap();
+            }
+            w.wait_all().await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("a wake-up was lost");
+        acker.await.unwrap();
+        let st = w.stats();
+        assert_eq!((st.sent, st.acked), (n, n));
+        assert_eq!(st.ack_latency.count, n / LATENCY_SAMPLE_EVERY);
+    }
+
+    #[test]
+    fn unsend_gives_room_back() {
+        let w = InflightWindow::new(2);
+        assert!(w.try_take(2).unwrap().is_ok());
+        assert!(w.try_take(1).is_none());
+        w.unsend(1);
+        assert_eq!(w.inflight(), 1);
+        assert!(w.try_take(1).unwrap().is_ok());
+        w.ack(2).unwrap();
+        assert_eq!(w.stats().ack_latency.count, 1, "payload 0 is sampled");
+    }
+
     #[tokio::test]
     async fn wait_all_fails_when_closed_with_inflight() {
         let w = InflightWindow::new(4);
