@@ -604,6 +604,8 @@ fn main() {
     }
     let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 1.5 });
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let py_reps = args.reps.unwrap_or(if args.quick { 1 } else { 5 }).max(1);
+    let py_secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
     let want = |t: &str| args.targets.iter().any(|x| x == t);
     for t in &args.targets {
         assert!(
@@ -668,12 +670,21 @@ fn main() {
                     fmt_cpu(last(&cell.id_echo)),
                 );
             }
-            if want("py") {
-                if let Some(p) = ide.as_ref() {
-                    py.1.push(measured(p, || python_client(p.port, payload, secs, mi)));
-                }
-                if let Some(p) = ours.as_ref() {
-                    py.2.push(measured(p, || python_client(p.port, payload, secs, mi)));
+        }
+        // id-echo's Python client: more (and longer) runs, as it is the noisiest;
+        // the order alternates so that neither server always goes first.
+        if want("py") {
+            for rep in 0..py_reps {
+                for first in [rep % 2 == 0, rep % 2 != 0] {
+                    match (first, ide.as_ref(), ours.as_ref()) {
+                        (true, Some(p), _) => py
+                            .1
+                            .push(measured(p, || python_client(p.port, payload, py_secs, mi))),
+                        (false, _, Some(p)) => py
+                            .2
+                            .push(measured(p, || python_client(p.port, payload, py_secs, mi))),
+                        _ => {}
+                    }
                 }
                 eprintln!(
                     "[{:>5.1}s] {:>7} #{rep} Python TcpClient: id-echo {}/s, ours {}/s",
@@ -683,8 +694,6 @@ fn main() {
                     fmt_rate(py.2.last().map(|m| m.rate)).0
                 );
             }
-        }
-        if want("py") {
             py_cells.push(py);
         }
         for p in [raw, ours, ide].into_iter().flatten() {
@@ -697,14 +706,15 @@ fn main() {
          median of {reps} interleaved run(s) (min–max in brackets). CPU: server / \
          load-generator CPU microseconds per sample.\n"
     );
-    println!("| payload | clients | raw loopback MiB/s | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| payload | clients | raw loopback MiB/s | raw CPU | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ((payload, clients), c) in &cells {
         let (raw, ours, ide) = (median(&c.raw), median(&c.ours), median(&c.id_echo));
         println!(
-            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             size_name(*payload),
             fmt_rate(raw.map(|m| m.rate)).1,
+            fmt_cpu(raw),
             fmt_spread(&c.ours),
             fmt_rate(ours.map(|m| m.rate)).1,
             fmt_cpu(ours),
@@ -717,8 +727,8 @@ fn main() {
     }
     if !py_cells.is_empty() {
         println!(
-            "\nid-echo's Python TcpClient, 1 client, max_inflight {mi}, median of {reps} \
-             interleaved run(s); server CPU microseconds per sample:\n"
+            "\nid-echo's Python TcpClient, 1 client, max_inflight {mi}, {py_secs} s per run, \
+             median of {py_reps} interleaved run(s); server CPU microseconds per sample:\n"
         );
         println!("| payload | → id-echo samples/s | id-echo server CPU | → ours samples/s | our server CPU | ours / id-echo |");
         println!("|---|---|---|---|---|---|");
