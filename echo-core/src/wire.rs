@@ -30,7 +30,10 @@ pub static ACKS: [u8; 4096] = [ACK; 4096];
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// The handshake did not start with `ECHO`.
-    #[error("Unexpected handshake magic {got:?}; expected b\"ECHO\": is the peer an echo server?")]
+    #[error(
+        "Unexpected handshake magic {}; expected b\"ECHO\": is the peer an echo server?",
+        byte_str(got)
+    )]
     BadMagic {
         /// The first bytes received.
         got: Vec<u8>,
@@ -74,7 +77,7 @@ pub enum WireError {
     #[error("handshake describes a zero-byte payload; expected at least 1 byte")]
     ZeroPayload,
     /// A client hello that is not [`CLIENT_HELLO`].
-    #[error("bad client hello {got:?}; expected {CLIENT_HELLO:?} (is the peer an echo client?)")]
+    #[error("bad client hello {}; expected {} (is the peer an echo client?)", byte_str(got), byte_str(&CLIENT_HELLO))]
     BadHello {
         /// The bytes received.
         got: Vec<u8>,
@@ -96,6 +99,16 @@ pub enum WireError {
     /// The stream ended inside a handshake or hello.
     #[error("connection closed during the {0}")]
     Truncated(&'static str),
+}
+
+/// Bytes as a byte-string literal, the way Python shows them: `b"HTTP"`, `b"\x00\x01"`.
+fn byte_str(bytes: &[u8]) -> String {
+    let mut s = String::from("b\"");
+    for &b in bytes {
+        s.extend(std::ascii::escape_default(b).map(char::from));
+    }
+    s.push('"');
+    s
 }
 
 /// Limits that keep a hostile handshake from making the decoder allocate without bound.
@@ -506,7 +519,12 @@ mod tests {
             max_payload: 1000,
         };
         let e = parse_handshake(b"HTTP/1.1", &lim).unwrap_err();
-        assert!(e.to_string().contains("is the peer an echo server?"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "Unexpected handshake magic b\"HTTP\"; expected b\"ECHO\": is the peer an echo server?"
+        );
+        let e = parse_handshake(&[0, 0xff, b'"'], &lim).unwrap_err();
+        assert!(e.to_string().contains(r#"magic b"\x00\xff\"";"#), "{e}");
         assert!(matches!(parse_handshake(b"EC", &lim), Ok(None)));
         assert!(matches!(
             parse_handshake(b"EX", &lim),

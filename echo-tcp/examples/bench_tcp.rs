@@ -677,12 +677,12 @@ fn main() {
             for rep in 0..py_reps {
                 for first in [rep % 2 == 0, rep % 2 != 0] {
                     match (first, ide.as_ref(), ours.as_ref()) {
-                        (true, Some(p), _) => py
-                            .1
-                            .push(measured(p, || python_client(p.port, payload, py_secs, mi))),
-                        (false, _, Some(p)) => py
-                            .2
-                            .push(measured(p, || python_client(p.port, payload, py_secs, mi))),
+                        (true, Some(p), _) => {
+                            py.1.push(measured(p, || python_client(p.port, payload, py_secs, mi)))
+                        }
+                        (false, _, Some(p)) => {
+                            py.2.push(measured(p, || python_client(p.port, payload, py_secs, mi)))
+                        }
                         _ => {}
                     }
                 }
