@@ -573,15 +573,22 @@ async fn several_of_our_clients_keep_per_client_order_on_id_echos_server() {
                 client.send(p).await.unwrap();
             }
             client.wait().await.unwrap();
-            client.close().await.unwrap();
+            client
         }));
     }
+    let mut done = Vec::new();
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(60), t)
-            .await
-            .unwrap()
-            .unwrap();
+        done.push(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
+    // Connections stay open until id-echo has handed out every batch: when they
+    // close right after their last acks, id-echo 0.2.1's server now and then never
+    // hands out the last batch (under load: 3 rounds of 12 stuck at 29 of 30 batches,
+    // none of 12 with the connections kept open). Not what this test is about.
     let out = tokio::task::spawn_blocking(move || py.success(60))
         .await
         .unwrap();
@@ -589,4 +596,7 @@ async fn several_of_our_clients_keep_per_client_order_on_id_echos_server() {
         out.contains(&format!("OK {} samples", per * clients as usize)),
         "{out:?}"
     );
+    for mut c in done {
+        c.close().await.unwrap();
+    }
 }
