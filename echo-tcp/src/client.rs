@@ -17,8 +17,14 @@ use crate::transport::{check_params, unix_path, LISTENER_PARAMS};
 /// Python `TcpClient`: it checks the server's magic, version and spec, then
 /// pipelines payloads with at most `max_inflight` unacknowledged.
 ///
-/// Payloads handed to [`send`](Client::send) while a write is under way are
-/// coalesced into the next write, so many small samples cost few syscalls.
+/// Small payloads handed to [`send`](Self::send) while a write is under way are
+/// coalesced into the next write, so many small samples cost few syscalls;
+/// payloads of [`DIRECT_WRITE_MIN`](echo_core::stream::DIRECT_WRITE_MIN) bytes or
+/// more are written straight from the caller's buffer. TCP_NODELAY is on.
+///
+/// Use the inherent [`send`](Self::send), [`wait`](Self::wait) and
+/// [`close`](Self::close) on a `TcpClient`; the [`Client`] trait's methods do the
+/// same behind a boxed future, for `Box<dyn Client>`.
 #[derive(Debug)]
 pub struct TcpClient {
     inner: StreamClient,
