@@ -52,6 +52,13 @@ pub mod wire;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+/// The synchronisation primitives the store uses; the loom model of the store
+/// (`tests/loom_store.rs`) compiles `store.rs` against its own version of this module.
+mod sync {
+    pub(crate) use event_listener::{Event, Listener};
+    pub(crate) use std::sync::atomic;
+}
+
 pub use error::{Error, Result};
 pub use ingress::{Connection, Ingress, Limits, ShutdownSignal};
 pub use metrics::{LatencyHistogram, LatencySummary, Metrics, TransportMetrics};

@@ -9,12 +9,13 @@
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::Arc;
 
-use event_listener::{Event, Listener};
-
 use crate::spec::{DType, Spec};
+// Atomics and wake-ups come through `crate::sync` so that the loom model
+// (echo-core/tests/loom_store.rs) can compile this file against loom's.
+use crate::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use crate::sync::{Event, Listener};
 use crate::{Error, Result};
 
 const CLOSED: u64 = 1 << 63;
@@ -448,11 +449,22 @@ impl Inner {
         if done == self.batch_size {
             self.notify_count.fetch_add(1, Relaxed);
             self.ready.notify(usize::MAX);
-        } else if self.next.load(Acquire) & CLOSED != 0 {
+        } else if self.closed_after_commit() {
             // A partial last batch may now be complete.
             self.ready.notify(usize::MAX);
         }
         &src[n * ps..]
+    }
+
+    /// Whether the store is closed, read after this writer's commit. The fence
+    /// pairs with the one in `try_take`: without the two, a writer could read `next`
+    /// from before a close while the consumer, having seen the close, reads
+    /// `committed` from before the writer's commit, and neither would wake the
+    /// consumer for the partial last batch (a lost wake-up the loom model in
+    /// tests/loom_store.rs found).
+    fn closed_after_commit(&self) -> bool {
+        fence(SeqCst);
+        self.next.load(Acquire) & CLOSED != 0
     }
 
     fn try_take(&self) -> Take {
@@ -461,6 +473,8 @@ impl Inner {
             let seq = self.consumed.load(Acquire);
             let next = self.next.load(Acquire);
             let target = if next & CLOSED != 0 {
+                // Pairs with the fence in `fill`.
+                fence(SeqCst);
                 let end = next & !CLOSED;
                 let n = end.saturating_sub(seq * bs).min(bs);
                 if n == 0 {
@@ -670,130 +684,3 @@ element!(
     u8 => Uint8, u16 => Uint16, u32 => Uint32, u64 => Uint64,
     f32 => Float32, f64 => Float64, [f32; 2] => Complex64, [f64; 2] => Complex128,
 );
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spec::Leaf;
-
-    fn spec() -> Spec {
-        Spec::new(vec![
-            Leaf::new("id", vec![], DType::Uint32),
-            Leaf::new("x", vec![2], DType::Float32),
-        ])
-        .unwrap()
-    }
-
-    fn payload(id: u32) -> Vec<u8> {
-        let mut p = id.to_le_bytes().to_vec();
-        p.extend_from_slice(&(id as f32).to_le_bytes());
-        p.extend_from_slice(&(-(id as f32)).to_le_bytes());
-        p
-    }
-
-    #[test]
-    fn try_write_fills_free_batches_only_and_never_waits() {
-        let s = Store::new(spec(), 4, 2).unwrap();
-        let all: Vec<u8> = (0..11).flat_map(payload).collect();
-        let ps = spec().payload_size();
-        // Two batches fit in the ring; the rest is left for later.
-        assert_eq!(s.try_write(&all).unwrap(), 8 * ps);
-        assert_eq!(s.try_write(&all[8 * ps..]).unwrap(), 0);
-        assert_eq!(s.size(), 8, "nothing reserved beyond what was written");
-        let b = s.try_next_batch().unwrap();
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1, 2, 3]);
-        drop(b);
-        assert_eq!(s.try_write(&all[8 * ps..]).unwrap(), 3 * ps);
-        let b = s.try_next_batch().unwrap();
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5, 6, 7]);
-        drop(b);
-        s.close();
-        let b = s.try_next_batch().unwrap();
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[8, 9, 10]);
-        assert!(matches!(s.try_write(&all[..ps]), Err(Error::Shutdown)));
-        assert!(s.try_write(&all[..ps - 1]).is_err(), "not a whole payload");
-    }
-
-    #[test]
-    fn batches_are_contiguous_per_leaf_with_typed_views() {
-        let s = Store::new(spec(), 4, 2).unwrap();
-        let all: Vec<u8> = (0..8).flat_map(payload).collect();
-        s.write_blocking(&all).unwrap();
-        let b = s.try_next_batch().unwrap();
-        assert_eq!((b.seq(), b.len(), b.is_partial()), (0, 4, false));
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1, 2, 3]);
-        assert_eq!(b.leaf(1).shape(), vec![4, 2]);
-        assert_eq!(
-            b.leaf_by_name("x").unwrap().as_slice::<f32>().unwrap(),
-            &[0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]
-        );
-        assert!(b.leaf(1).as_slice::<f64>().is_err());
-        let mut out = Vec::new();
-        b.copy_sample(2, &mut out);
-        assert_eq!(out, payload(2));
-        // The second batch is ready too; the ring is now full.
-        let b2 = s.try_next_batch().unwrap();
-        assert_eq!(b2.leaf(0).as_slice::<u32>().unwrap(), &[4, 5, 6, 7]);
-        assert!(s.try_next_batch().is_none());
-    }
-
-    #[test]
-    fn full_ring_blocks_writers_until_a_batch_is_dropped() {
-        let s = Store::new(spec(), 2, 2).unwrap();
-        let first: Vec<u8> = (0..4).flat_map(payload).collect();
-        s.write_blocking(&first).unwrap();
-        let held = s.try_next_batch().unwrap();
-        let s2 = s.clone();
-        let writer = std::thread::spawn(move || {
-            let more: Vec<u8> = (4..6).flat_map(payload).collect();
-            s2.write_blocking(&more).unwrap();
-        });
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!writer.is_finished(), "writer must wait: the ring is full");
-        // The held batch is intact while the writer waits.
-        assert_eq!(held.leaf(0).as_slice::<u32>().unwrap(), &[0, 1]);
-        drop(held);
-        writer.join().unwrap();
-        assert_eq!(s.counters().push_blocked, 1);
-        let b = s.next_batch_blocking().unwrap();
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[2, 3]);
-        drop(b);
-        let b = s.next_batch_blocking().unwrap();
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5]);
-    }
-
-    #[test]
-    fn close_hands_out_partial_then_none() {
-        let s = Store::new(spec(), 4, 3).unwrap();
-        let all: Vec<u8> = (0..6).flat_map(payload).collect();
-        s.write_blocking(&all).unwrap();
-        s.close();
-        assert!(matches!(
-            s.write_blocking(&payload(9)),
-            Err(Error::Shutdown)
-        ));
-        let b = s.next_batch_blocking().unwrap();
-        assert!(!b.is_partial());
-        drop(b);
-        let b = s.next_batch_blocking().unwrap();
-        assert!(b.is_partial());
-        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[4, 5]);
-        drop(b);
-        assert!(s.next_batch_blocking().is_none());
-    }
-
-    #[test]
-    fn wrong_sizes_are_refused() {
-        let s = Store::new(spec(), 4, 2).unwrap();
-        assert!(matches!(
-            s.write_blocking(&[0; 13]),
-            Err(Error::PayloadSize {
-                expected: 12,
-                got: 13
-            })
-        ));
-        assert!(Store::new(spec(), 0, 2).is_err());
-        assert!(Store::new(spec(), 4, 1).is_err());
-        assert!(Store::new(Spec::bytes(u32::MAX).unwrap(), usize::MAX / 2, 4).is_err());
-    }
-}
