@@ -1,13 +1,13 @@
 //! echo-ctl against echo-server, end to end: TCP, Unix stream and Unix datagram
 //! control sockets, exit statuses.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{mpsc, OnceLock};
-use std::time::{Duration, Instant};
+mod common;
 
-const WAIT: Duration = Duration::from_secs(30);
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use common::*;
 
 /// The newest modification time of the files echo-ctl is built from.
 fn newest_source() -> std::time::SystemTime {
@@ -84,104 +84,12 @@ fn echo_ctl_bin() -> &'static Path {
     })
 }
 
-/// A running echo-server, terminated on drop.
-struct EchoServer {
-    child: Child,
-    lines: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl EchoServer {
-    /// Starts echo-server with `args` and waits for `n` start-up lines on stdout.
-    fn start(args: &[&str], n: usize) -> EchoServer {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = dir.path().join("spec.json");
-        std::fs::write(
-            &spec,
-            r#"{"obs": {"shape": [4], "dtype": "float32"}, "reward": {"shape": [], "dtype": "float32"}}"#,
-        )
-        .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_echo-server"))
-            .arg("--spec")
-            .arg(&spec)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start echo-server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut lines = Vec::new();
-        while lines.len() < n {
-            match rx.recv_timeout(WAIT) {
-                Ok(l) => lines.push(l),
-                Err(e) => panic!("echo-server printed {lines:?}, then {e:?}"),
-            }
-        }
-        EchoServer {
-            child,
-            lines,
-            _dir: dir,
-        }
-    }
-
-    fn line(&self, prefix: &str) -> String {
-        self.lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in {:?}", self.lines))
-            .to_string()
-    }
-
-    fn terminate(mut self) -> ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "echo-server did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 fn echo_ctl(args: &[&str]) -> Output {
-    let child = Command::new(echo_ctl_bin())
-        .args(args)
+    let mut cmd = Command::new(echo_ctl_bin());
+    cmd.args(args)
         .env("ECHO_CTL_TIMEOUT", "20")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start echo-ctl");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(WAIT)
-        .expect("echo-ctl did not exit in time")
-        .expect("echo-ctl output")
+        .stdin(Stdio::null());
+    output(cmd)
 }
 
 fn text(b: &[u8]) -> &str {
@@ -190,7 +98,7 @@ fn text(b: &[u8]) -> &str {
 
 #[test]
 fn tcp_control_round_trips() {
-    let server = EchoServer::start(&["--listen", "mem://ctl-tcp", "--control", "0"], 2);
+    let server = EchoServer::start(SPEC, &["--listen", "mem://ctl-tcp", "--control", "0"], 2);
     let port = server.line("control ");
     let out = echo_ctl(&[&port, "health"]);
     assert_eq!((text(&out.stdout), text(&out.stderr)), ("ok\n", ""));
@@ -224,6 +132,7 @@ fn unix_stream_and_datagram_control_round_trips() {
     let stream = dir.path().join("ctl.sock");
     let dgram = dir.path().join("ctl.dgram");
     let server = EchoServer::start(
+        SPEC,
         &[
             "--listen",
             "mem://ctl-unix",

@@ -3,24 +3,20 @@
 //! back by numpy from samples sent by id-echo's Python TcpClient, graceful drain,
 //! `--max-batches`, configuration errors.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use echo::control::{Reply, Request, DEFAULT_MAX_RECORD};
+use common::*;
+use echo::control::{Reply, Request};
 use echo::{ClientOptions, Spec};
 use echo_core::testkit::{python_interpreter, workspace_root};
-
-const WAIT: Duration = Duration::from_secs(30);
-
-const SPEC: &str =
-    r#"{"obs": {"shape": [4], "dtype": "float32"}, "reward": {"shape": [], "dtype": "float32"}}"#;
 
 /// A spec touching several dtypes, nesting, a scalar and id-echo_interop's `meta`.
 const RICH_SPEC: &str = r#"{
@@ -30,164 +26,6 @@ const RICH_SPEC: &str = r#"{
     "r": {"shape": [], "dtype": "float64"},
     "z": {"shape": [2], "dtype": "complex128"}
 }"#;
-
-/// A running echo-server; killed on drop, its stderr shown if the test failed.
-struct EchoServer {
-    child: Child,
-    lines: Vec<String>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- echo-server stderr ---\n{}", self.stderr());
-        }
-    }
-}
-
-fn server_cmd(dir: &Path, spec: &str, args: &[&str]) -> Command {
-    let spec_path = dir.join("spec.json");
-    std::fs::write(&spec_path, spec).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_echo-server"));
-    cmd.arg("--spec")
-        .arg(&spec_path)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null());
-    cmd
-}
-
-impl EchoServer {
-    /// Starts echo-server and waits for its `n` start-up lines.
-    fn start(spec: &str, args: &[&str], n: usize) -> EchoServer {
-        let dir = tempfile::tempdir().unwrap();
-        let stderr = File::create(dir.path().join("stderr.log")).unwrap();
-        let mut child = server_cmd(dir.path(), spec, args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("start echo-server");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = EchoServer {
-            child,
-            lines: Vec::new(),
-            dir,
-        };
-        while server.lines.len() < n {
-            match rx.recv_timeout(WAIT) {
-                Ok(l) => server.lines.push(l),
-                Err(e) => panic!("echo-server printed {:?}, then {e:?}", server.lines),
-            }
-        }
-        server
-    }
-
-    fn line(&self, prefix: &str) -> String {
-        self.lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} line in {:?}", self.lines))
-            .to_string()
-    }
-
-    fn control_port(&self) -> u16 {
-        self.line("control ").parse().expect("a TCP control port")
-    }
-
-    /// The bound URL of the listener with this scheme.
-    fn url(&self, scheme: &str) -> String {
-        let l = self.line(&format!("listening {scheme}://"));
-        format!("{scheme}://{}", l.split(' ').next().unwrap())
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "echo-server did not exit in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Runs a command to completion, bounded in time.
-fn output(mut cmd: Command) -> Output {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(WAIT)
-        .expect("process did not exit in time")
-        .expect("process output")
-}
-
-fn ctl<S: Read + Write>(mut s: S, args: &str) -> Reply {
-    Request::new("", args).write(&mut s).unwrap();
-    Reply::read(&mut s, DEFAULT_MAX_RECORD).unwrap()
-}
-
-fn ctl_tcp(port: u16, args: &str) -> Reply {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    ctl(s, args)
-}
-
-fn ctl_unix(path: &Path, args: &str) -> Reply {
-    let s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    ctl(s, args)
-}
-
-fn stats(port: u16) -> serde_json::Value {
-    let r = ctl_tcp(port, "stats --json");
-    assert_eq!(r.stderr, "");
-    serde_json::from_str(&r.stdout).unwrap()
-}
-
-/// Polls `stats` until `samples_inserted_total` reaches `n`.
-fn wait_samples(port: u16, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = stats(port);
-        if v["samples_inserted_total"] == n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "samples never reached {n}: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -276,23 +114,11 @@ fn malformed_and_oversized_requests_only_close_their_connection() {
     let port = server.control_port();
     let closed_without_reply = |bytes: &[u8], half_close: bool| {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
         s.write_all(bytes).unwrap();
         if half_close {
             s.shutdown(std::net::Shutdown::Write).unwrap();
         }
-        let mut buf = [0u8; 64];
-        match s.read(&mut buf) {
-            Ok(0) => {}
-            Ok(n) => panic!("got a reply {:?} to {bytes:?}", &buf[..n]),
-            Err(e) => assert!(
-                !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ),
-                "server kept the connection open for {bytes:?}"
-            ),
-        }
+        assert_closed_without_reply(&mut s, &format!("{bytes:?}"));
     };
     // A 4 GiB string, announced and never sent: refused from its length prefix.
     closed_without_reply(&[0xff, 0xff, 0xff, 0xff], false);
