@@ -21,7 +21,9 @@
 //! * Security: `grpcs://` is TLS with rustls (ring); a bearer token, when the server
 //!   sets one, is checked on every call before anything is read.
 //! * Bounds: each Push stream is one ingress connection (counted against
-//!   `max_connections`; over it, `UNAVAILABLE`), messages are limited to
+//!   `max_connections`; over it, `UNAVAILABLE`), TCP connections with or
+//!   without a stream to twice `max_connections` (one more is closed as soon as it
+//!   is accepted and counted as refused), messages are limited to
 //!   `max_payloads` payloads, the TLS handshake to the handshake timeout, and
 //!   HTTP/2 keepalive pings (every 30 s, 20 s to answer) drop peers that vanished.
 //!
@@ -62,6 +64,7 @@
 
 mod client;
 mod config;
+mod incoming;
 mod server;
 mod tls;
 

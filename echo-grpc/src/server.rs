@@ -17,10 +17,10 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{redacted, ServerOptions};
+use crate::incoming::incoming;
 use crate::proto::echo_server::{Echo, EchoServer};
 use crate::proto::{GetSpecRequest, Leaf as ProtoLeaf, PushReply, PushRequest, SpecReply};
 use crate::tls;
@@ -290,6 +290,11 @@ impl Echo for EchoService {
     }
 }
 
+/// TCP connections a `grpc://` listener keeps open at once.
+pub(crate) fn tcp_connection_limit(max_connections: usize) -> usize {
+    max_connections.saturating_mul(2).max(1)
+}
+
 fn scheme_of(url: &Url) -> &'static str {
     if url.scheme() == "grpcs" {
         "grpcs"
@@ -379,7 +384,16 @@ impl TransportFactory for GrpcTransportFactory {
                 .max_encoding_message_size(4 << 20),
             auth,
         );
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Each Push stream takes an ingress connection (max_connections, then
+        // UNAVAILABLE naming the limit). TCP connections, with a stream or not, are
+        // bounded at twice that: headroom enough for a client over the stream limit
+        // to get that clear refusal, while connections that never open a stream
+        // (or never send the HTTP/2 preface) cannot grow without bound.
+        let incoming = incoming(
+            listener,
+            tcp_connection_limit(ingress.limits().max_connections),
+            ingress.counters(scheme),
+        );
         let mut server_stop = ingress.shutdown_signal();
         let mut stop = stopper.signal();
         let router = builder.add_service(svc);

@@ -514,3 +514,60 @@ async fn a_stream_over_the_connection_limit_is_unavailable() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_without_a_stream_are_bounded_too() {
+    use echo_core::Client;
+    use tokio::io::AsyncReadExt;
+    bounded(60, async {
+        let spec = Spec::bytes(8).unwrap();
+        let server = Server::builder(spec.clone())
+            .batch_size(1)
+            .max_connections(2)
+            .registry(echo_grpc::registry())
+            .build()
+            .unwrap();
+        let url = Url::parse(&server.listen("grpc://127.0.0.1:0").await.unwrap()).unwrap();
+        let addr = format!("127.0.0.1:{}", url.port().unwrap());
+        // Twice max_connections silent TCP connections (no HTTP/2 preface) are
+        // held open...
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        // ...the next one is closed as soon as it is accepted...
+        let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        match extra.read(&mut buf).await {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("a connection over the limit was served: {:?}", &buf[..n]),
+        }
+        let refused = server.metrics().transports["grpc"].connections_refused;
+        assert!(refused >= 1, "refusals counted: {refused}");
+        // ...while one within the limit is served: it got the server's HTTP/2
+        // SETTINGS frame.
+        let mut held = [0u8; 64];
+        let n = silent[0].read(&mut held).await.unwrap();
+        assert!(n > 0, "a connection within the limit was closed");
+        // Once the silent peers leave, well-behaved clients are served.
+        drop(silent);
+        let opts = ClientOptions::default();
+        let mut client = None;
+        for _ in 0..100 {
+            match GrpcClient::connect(&url, &spec, &opts).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let mut client = client.expect("served once the silent peers left");
+        client.send(&[7; 8]).await.unwrap();
+        client.wait().await.unwrap();
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(drain(&server).await, vec![vec![7; 8]]);
+    })
+    .await
+}
