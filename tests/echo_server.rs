@@ -55,6 +55,16 @@ fn prints_listeners_and_answers_control_commands() {
     let port: u16 = tcp.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0, "{tcp}");
     assert!(server.lines[1].starts_with(&format!("listening {tcp}")));
+    // After the URL, space-separated KEY=VALUE fields.
+    let fields: Vec<&str> = server.lines[1].split(' ').skip(2).collect();
+    assert!(
+        fields.iter().all(|f| f
+            .split_once('=')
+            .is_some_and(|(k, v)| !k.is_empty() && !v.is_empty())),
+        "{:?}",
+        server.lines[1]
+    );
+    assert!(fields.contains(&"auth=none"), "{:?}", server.lines[1]);
     let control = server.control_port();
     assert_ne!(control, 0);
 

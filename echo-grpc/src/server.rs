@@ -419,7 +419,7 @@ impl TransportFactory for GrpcTransportFactory {
             (
                 "auth".to_string(),
                 if opts.token.is_some() {
-                    "bearer token"
+                    "bearer"
                 } else {
                     "none"
                 }

@@ -229,7 +229,12 @@ impl Transport for TcpTransport {
     }
 
     fn details(&self) -> Vec<(String, String)> {
-        let mut d = vec![("wire".to_string(), "v1 (no authentication)".to_string())];
+        // Values without spaces, so that echo-server's `listening URL KEY=VALUE...`
+        // line splits on spaces.
+        let mut d = vec![
+            ("wire".to_string(), "v1".to_string()),
+            ("auth".to_string(), "none".to_string()),
+        ];
         if self.max_connections != usize::MAX {
             d.push((
                 "max_connections".to_string(),
