@@ -133,9 +133,15 @@ impl Default for HandshakeLimits {
 }
 
 impl HandshakeLimits {
-    /// The largest handshake these limits allow, in bytes.
+    /// The largest handshake these limits allow, in bytes (`usize::MAX` if that
+    /// does not fit a usize).
     pub fn max_handshake_len(&self) -> usize {
-        9 + self.max_leaves as usize * (8 + 4 * self.max_ndim as usize)
+        let per_leaf = (self.max_ndim as usize)
+            .saturating_mul(4)
+            .saturating_add(8);
+        (self.max_leaves as usize)
+            .saturating_mul(per_leaf)
+            .saturating_add(9)
     }
 }
 
@@ -239,7 +245,10 @@ pub fn parse_handshake(
             max: limits.max_leaves,
         });
     }
-    let mut leaves = Vec::with_capacity(n as usize);
+    // Reserve only for what the bytes at hand can describe (a leaf takes at least
+    // 8 bytes, a dimension 4): under generous limits a peer's counts alone must
+    // not decide an allocation.
+    let mut leaves = Vec::with_capacity((n as usize).min(r.left() / 8));
     let mut total: Option<usize> = Some(0);
     for i in 0..n {
         let Some(itemsize) = r.u32() else {
@@ -253,7 +262,7 @@ pub fn parse_handshake(
                 max: limits.max_ndim,
             });
         }
-        let mut shape = Vec::with_capacity(ndim as usize);
+        let mut shape = Vec::with_capacity((ndim as usize).min(r.left() / 4));
         let mut size = Some(itemsize as usize);
         for _ in 0..ndim {
             let Some(d) = r.u32() else { return Ok(None) };
@@ -284,6 +293,10 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn left(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
     fn u32(&mut self) -> Option<u32> {
         let b = self.buf.get(self.pos..self.pos + 4)?;
         self.pos += 4;
@@ -610,6 +623,45 @@ mod tests {
             let _ = d.feed(&[0u8; 1000]);
         }
         assert!(d.buffered() <= lim.max_handshake_len());
+    }
+
+    /// Found by the `handshake` fuzz target: the largest limits a caller can set
+    /// overflowed `max_handshake_len`, and a peer's leaf or dimension count alone
+    /// sized an allocation (128 GiB for `u32::MAX` leaves).
+    #[test]
+    fn the_largest_limits_neither_overflow_nor_let_counts_allocate() {
+        let lim = HandshakeLimits {
+            max_leaves: u32::MAX,
+            max_ndim: u32::MAX,
+            max_payload: usize::MAX,
+        };
+        assert_eq!(lim.max_handshake_len(), usize::MAX);
+        let mut b = b"ECHO\x01".to_vec();
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut d = HandshakeDecoder::new(lim);
+        assert_eq!(d.feed(&b).unwrap(), Decoded::NeedMore);
+        for x in [4u32, u32::MAX, 7] {
+            assert_eq!(d.feed(&x.to_le_bytes()).unwrap(), Decoded::NeedMore);
+        }
+        assert_eq!(d.buffered(), b.len() + 12);
+        // The same leaf, complete, under limits that fit it exactly.
+        let spec = WireSpec {
+            leaves: vec![WireLeaf {
+                itemsize: 4,
+                shape: vec![7],
+            }],
+        };
+        let exact = HandshakeLimits {
+            max_leaves: 1,
+            max_ndim: 1,
+            max_payload: 28,
+        };
+        let bytes = handshake_bytes(&spec);
+        assert_eq!(exact.max_handshake_len(), bytes.len());
+        assert_eq!(
+            parse_handshake(&bytes, &exact).unwrap(),
+            Some((spec, bytes.len()))
+        );
     }
 
     #[test]
