@@ -14,6 +14,9 @@
 //!    and the server's buffers stay bounded; when it resumes, everything arrives.
 //! 5. [`shutdown_under_load`]: the consumer receives every acknowledged sample, and
 //!    clients get `ConnectionClosed` instead of hanging.
+//!
+//! [`decoders`] holds the property checks for the decoders of untrusted bytes,
+//! shared by echo-core's property tests and the cargo-fuzz targets.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -26,6 +29,8 @@ use crate::spec::{DType, Leaf, Spec};
 use crate::transport::{Client, ClientOptions};
 use crate::wire::{self, Decoded, HandshakeDecoder, CLIENT_HELLO};
 use crate::{Error, Registry, Result, Server};
+
+pub mod decoders;
 
 /// What the kit needs to know about a transport.
 #[async_trait]
