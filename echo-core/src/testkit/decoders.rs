@@ -51,7 +51,8 @@ fn pieces<'a>(mut rest: &'a [u8], cuts: &'a [usize]) -> impl Iterator<Item = &'a
 pub type HandshakeOutcome = Result<Option<(WireSpec, usize)>, WireError>;
 
 /// Feeds `bytes` to a decoder in pieces cut at `cuts`, checking after every piece
-/// that it buffers no more than `limits` allow.
+/// that it buffers no more than `limits` allow, and that once it has decided, more
+/// bytes do not change its decision.
 fn feed_handshake(limits: HandshakeLimits, bytes: &[u8], cuts: &[usize]) -> HandshakeOutcome {
     let mut dec = HandshakeDecoder::new(limits);
     let mut fed = 0;
@@ -63,15 +64,26 @@ fn feed_handshake(limits: HandshakeLimits, bytes: &[u8], cuts: &[usize]) -> Hand
             dec.buffered(),
             limits.max_handshake_len()
         );
-        if let Decoded::Done { spec, used } = got? {
-            assert!(
-                used <= piece.len(),
-                "the decoder says it used {used} bytes of a {}-byte piece",
-                piece.len()
-            );
-            return Ok(Some((spec, fed + used)));
+        match got {
+            Ok(Decoded::NeedMore) => fed += piece.len(),
+            Ok(Decoded::Done { spec, used }) => {
+                assert!(
+                    used <= piece.len(),
+                    "the decoder says it used {used} bytes of a {}-byte piece",
+                    piece.len()
+                );
+                let again = Decoded::Done {
+                    spec: spec.clone(),
+                    used: 0,
+                };
+                assert_eq!(dec.feed(bytes), Ok(again), "fed again after the spec");
+                return Ok(Some((spec, fed + used)));
+            }
+            Err(e) => {
+                assert_eq!(dec.feed(bytes), Err(e.clone()), "fed again after a refusal");
+                return Err(e);
+            }
         }
-        fed += piece.len();
     }
     Ok(None)
 }
