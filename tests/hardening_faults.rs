@@ -1,92 +1,417 @@
-//! Faults: client processes killed (SIGKILL) at arbitrary points, often inside a
-//! payload, while in-process clients keep sending to the same `tcp://` server.
-//! Every acknowledged sample of every client arrives exactly once and byte-exact;
-//! a dead client's partial payload never does.
+//! Faults on every transport (`tcp://`, `unix://`, `grpc://`, `quic://`):
+//!
+//! * Client processes killed (SIGKILL) at arbitrary points, often inside a
+//!   payload, while in-process clients keep sending to the same server. Every
+//!   acknowledged sample of every client arrives exactly once and byte-exact; a
+//!   dead client's partial payload never does; the dead clients' connections are
+//!   released; then the server shuts down under load, and the clients still
+//!   sending get `ConnectionClosed` while the consumer gets everything they saw
+//!   acknowledged.
+//! * A consumer that stops for seconds under load: the process's resident set
+//!   stays within a bound derived from the configuration, nothing is dropped, and
+//!   the flow resumes.
 //!
 //! The killed clients are this test binary re-executed with `ECHO_FAULT_CHILD`
-//! set: a plain blocking wire v1 client that writes each payload in two halves
-//! and prints `sent N` / `acked N` as it goes, so the parent knows what was
-//! acknowledged before the kill.
-#![cfg(feature = "tcp")]
+//! set. Half of them write raw protocol bytes, each payload in two halves with a
+//! pause between, so that most kills land inside a payload: wire v1 on a TCP or
+//! Unix socket or a QUIC stream, or gRPC messages on a hand-driven HTTP/2 stream.
+//! The other half use the transport's own client. Each prints `sent N` and
+//! `acked N` as it goes, so the parent knows what was acknowledged before the
+//! kill. The stalled-consumer tests run in a child process of their own, so that
+//! its resident set is theirs alone.
 
-use std::collections::HashMap;
+mod hardening;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use echo::{ClientOptions, Server};
-use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
+use echo::{Limits, Server, Spec};
+use echo_core::testkit::{kit_sample, kit_spec};
+use hardening::{
+    assert_exactly, assert_prefix, connect, opts, rss_kib, spawn_consumer, spawn_until_closed,
+    spawn_until_stopped, take_batch, within, Got,
+};
 
+/// Child mode: `MODE ID URL`, MODE being `raw` or `client`.
 const CHILD_ENV: &str = "ECHO_FAULT_CHILD";
+/// Set to a test's name to run that test's body in this (child) process.
+const OWN_PROCESS_ENV: &str = "ECHO_FAULT_OWN_PROCESS";
+/// Payload size of the killed-clients tests.
 const SIZE: usize = 1024;
-const TEST_NAME: &str = "killed_client_processes_lose_nothing_acknowledged";
+/// Most payloads a raw child sends ahead of its acks.
+const RAW_INFLIGHT: u64 = 32;
 
-/// Child mode: `ECHO_FAULT_CHILD=ADDR,ID`. Sends samples of `ID` until killed
-/// (or for at most 20 s, so an orphan cannot linger).
+// ---------------------------------------------------------------------------
+// The tests, per transport.
+
+#[cfg(feature = "tcp")]
+#[test]
+fn killed_client_processes_lose_nothing_acknowledged_tcp() {
+    killed_clients(
+        "killed_client_processes_lose_nothing_acknowledged_tcp",
+        "tcp://127.0.0.1:0",
+    );
+}
+
+#[cfg(feature = "tcp")]
+#[test]
+fn killed_client_processes_lose_nothing_acknowledged_unix() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_clients(
+        "killed_client_processes_lose_nothing_acknowledged_unix",
+        &format!("unix://{}/faults.sock", dir.path().display()),
+    );
+}
+
+#[cfg(feature = "grpc")]
+#[test]
+fn killed_client_processes_lose_nothing_acknowledged_grpc() {
+    killed_clients(
+        "killed_client_processes_lose_nothing_acknowledged_grpc",
+        "grpc://127.0.0.1:0",
+    );
+}
+
+/// A killed QUIC peer sends nothing more, not even a close: the server notices
+/// through its idle timeout (3 s here).
+#[cfg(feature = "quic")]
+#[test]
+fn killed_client_processes_lose_nothing_acknowledged_quic() {
+    killed_clients(
+        "killed_client_processes_lose_nothing_acknowledged_quic",
+        "quic://127.0.0.1:0?idle_timeout=3",
+    );
+}
+
+#[cfg(feature = "tcp")]
+#[test]
+fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_tcp() {
+    stalled_consumer(
+        "a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_tcp",
+        "tcp://127.0.0.1:0",
+    );
+}
+
+#[cfg(feature = "grpc")]
+#[test]
+fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_grpc() {
+    stalled_consumer(
+        "a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_grpc",
+        "grpc://127.0.0.1:0",
+    );
+}
+
+#[cfg(feature = "quic")]
+#[test]
+fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic() {
+    stalled_consumer(
+        "a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic",
+        "quic://127.0.0.1:0",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Shared machinery.
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Re-executes this test binary to run only `test_name`, with `env` set.
+fn reexec(test_name: &str, env: (&str, &str)) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `body` in a child process of its own (this binary, running only
+/// `test_name`) and fails if it fails or takes over `secs` seconds. Its output is
+/// printed as this test's.
+fn in_own_process(test_name: &str, secs: u64, body: impl FnOnce()) {
+    if std::env::var(OWN_PROCESS_ENV).as_deref() == Ok(test_name) {
+        body();
+        return;
+    }
+    let mut child = reexec(test_name, (OWN_PROCESS_ENV, test_name))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "--- {test_name} in its own process:\n{}{}",
+        out.join().unwrap(),
+        err.join().unwrap()
+    );
+    let status = status.unwrap_or_else(|| panic!("{test_name} took over {secs} s"));
+    assert!(status.success(), "{test_name} failed in its own process");
+}
+
+// ---------------------------------------------------------------------------
+// Killed client processes: the child side.
+
+/// Prints a progress line (`sent N` or `acked N`) for the parent.
+fn report(what: &str, n: u64) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{what} {n}").unwrap();
+    out.flush().unwrap();
+}
+
+/// Child mode: sends samples of its id to the URL until killed (or for at most
+/// 20 s, so that an orphan cannot linger).
 fn child_main(arg: &str) -> ! {
-    let (addr, id) = arg.split_once(',').expect("ADDR,ID");
-    let id: u32 = id.parse().expect("a client id");
-    let spec = kit_spec(SIZE);
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let want = echo_core::wire::handshake_bytes(&spec.wire());
+    let mut parts = arg.splitn(3, ' ');
+    let (mode, id, url) = (
+        parts.next().unwrap().to_string(),
+        parts.next().unwrap().parse::<u32>().expect("a client id"),
+        parts.next().expect("a URL").to_string(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let spec = kit_spec(SIZE);
+        let run = async {
+            match mode.as_str() {
+                "raw" => raw_child(&url, &spec, id).await,
+                "client" => client_child(&url, &spec, id).await,
+                other => panic!("unknown child mode {other}"),
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(20), run).await;
+    });
+    std::process::exit(0)
+}
+
+/// The transport's own client, sending as fast as its window lets it.
+async fn client_child(url: &str, spec: &Spec, id: u32) {
+    let mut c = connect(url, spec).await;
+    let (mut buf, mut acked) = (Vec::new(), 0);
+    for seq in 0u32.. {
+        kit_sample(spec, id, seq, &mut buf);
+        if c.send(&buf).await.is_err() {
+            return;
+        }
+        report("sent", u64::from(seq) + 1);
+        let now = c.stats().acked;
+        if now != acked {
+            acked = now;
+            report("acked", acked);
+        }
+    }
+}
+
+/// Where a raw child writes its bytes.
+enum RawWriter {
+    /// Wire v1 on a byte stream (TCP, Unix socket, QUIC stream).
+    Stream(Box<dyn tokio::io::AsyncWrite + Unpin + Send>),
+    /// gRPC messages on an HTTP/2 stream.
+    #[cfg(feature = "grpc")]
+    Grpc(h2::SendStream<bytes::Bytes>),
+}
+
+impl RawWriter {
+    /// The bytes that carry `payload`.
+    fn frame(&self, payload: &[u8]) -> Vec<u8> {
+        match self {
+            RawWriter::Stream(_) => payload.to_vec(),
+            #[cfg(feature = "grpc")]
+            RawWriter::Grpc(_) => {
+                use prost::Message;
+                let msg = echo::grpc::proto::PushRequest {
+                    payloads: bytes::Bytes::copy_from_slice(payload),
+                }
+                .encode_to_vec();
+                // gRPC's length-prefixed message: not compressed, u32 BE length.
+                let mut framed = vec![0u8];
+                framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&msg);
+                framed
+            }
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        match self {
+            RawWriter::Stream(w) => w.write_all(bytes).await.is_ok() && w.flush().await.is_ok(),
+            #[cfg(feature = "grpc")]
+            RawWriter::Grpc(s) => s
+                .send_data(bytes::Bytes::copy_from_slice(bytes), false)
+                .is_ok(),
+        }
+    }
+}
+
+/// Raw protocol bytes, each payload written in two halves with a pause between.
+async fn raw_child(url: &str, spec: &Spec, id: u32) {
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut writer = raw_connect(url, spec, acked.clone()).await;
+    let mut buf = Vec::new();
+    for seq in 0u32.. {
+        while u64::from(seq) >= acked.load(Ordering::Relaxed) + RAW_INFLIGHT {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        kit_sample(spec, id, seq, &mut buf);
+        let bytes = writer.frame(&buf);
+        let half = 1 + (seq as usize * 37) % (bytes.len() - 1);
+        if !writer.write(&bytes[..half]).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        if !writer.write(&bytes[half..]).await {
+            return;
+        }
+        report("sent", u64::from(seq) + 1);
+    }
+}
+
+/// Connects below the client API, completes the handshake, and starts a task
+/// that counts acks into `acked` (and reports them); the process exits when the
+/// server goes away.
+async fn raw_connect(url: &str, spec: &Spec, acked: Arc<AtomicU64>) -> RawWriter {
+    let parsed = echo::Url::parse(url).unwrap();
+    let (reader, writer, hello): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _, _) =
+        match parsed.scheme() {
+            "tcp" => {
+                let addr = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap());
+                let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                s.set_nodelay(true).unwrap();
+                let (r, w) = s.into_split();
+                (Box::new(r), RawWriter::Stream(Box::new(w)), false)
+            }
+            "unix" => {
+                let s = tokio::net::UnixStream::connect(parsed.path())
+                    .await
+                    .expect("connect");
+                let (r, w) = s.into_split();
+                (Box::new(r), RawWriter::Stream(Box::new(w)), false)
+            }
+            #[cfg(feature = "quic")]
+            "quic" => {
+                let (endpoint, conn) = echo::quic::raw_connection(url, Duration::from_secs(10))
+                    .await
+                    .expect("connect");
+                // The endpoint lives as long as the process.
+                std::mem::forget(endpoint);
+                let (send, recv) = conn.open_bi().await.expect("a stream");
+                (Box::new(recv), RawWriter::Stream(Box::new(send)), true)
+            }
+            #[cfg(feature = "grpc")]
+            "grpc" => return grpc_connect(&parsed, acked).await,
+            other => panic!("no raw child for {other}://"),
+        };
+    let mut writer = writer;
+    let mut reader = reader;
+    use tokio::io::AsyncReadExt;
+    if hello {
+        assert!(writer.write(&echo::wire::CLIENT_HELLO).await, "the hello");
+    }
+    let want = echo::wire::handshake_bytes(&spec.wire());
     let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got).expect("handshake");
+    reader.read_exact(&mut got).await.expect("the handshake");
     assert_eq!(got, want);
-    let mut reader = s.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut acked = 0u64;
+    tokio::spawn(async move {
         let mut buf = [0u8; 256];
         loop {
-            match reader.read(&mut buf) {
+            match reader.read(&mut buf).await {
                 Ok(0) | Err(_) => std::process::exit(0),
                 Ok(n) => {
                     assert!(buf[..n].iter().all(|&b| b == 1), "non-ack bytes");
-                    acked += n as u64;
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "acked {acked}").unwrap();
-                    out.flush().unwrap();
+                    let now = acked.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                    report("acked", now);
                 }
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut buf = Vec::new();
-    let mut seq = 0u32;
-    while Instant::now() < deadline {
-        kit_sample(&spec, id, seq, &mut buf);
-        let half = 1 + (seq as usize * 37) % (SIZE - 1);
-        if s.write_all(&buf[..half]).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-        if s.write_all(&buf[half..]).is_err() {
-            break;
-        }
-        seq += 1;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "sent {seq}").unwrap();
-        out.flush().unwrap();
-    }
-    std::process::exit(0)
+    writer
 }
+
+/// A Push call driven by hand on HTTP/2, so that a message can be cut anywhere.
+#[cfg(feature = "grpc")]
+async fn grpc_connect(url: &echo::Url, acked: Arc<AtomicU64>) -> RawWriter {
+    use prost::Message;
+    let addr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.expect("HTTP/2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+        std::process::exit(0);
+    });
+    let mut client = client.ready().await.expect("HTTP/2 ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/echo.v1.Echo/Push"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, send) = client.send_request(request, false).expect("a Push call");
+    tokio::spawn(async move {
+        let response = response.await.expect("the Push response");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut buf = bytes::BytesMut::new();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            buf.extend_from_slice(&chunk);
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+                if buf.len() < 5 + len {
+                    break;
+                }
+                let msg = buf.split_to(5 + len);
+                let reply = echo::grpc::proto::PushReply::decode(&msg[5..]).expect("a PushReply");
+                acked.store(reply.acked, Ordering::Relaxed);
+                report("acked", reply.acked);
+            }
+        }
+        std::process::exit(0);
+    });
+    RawWriter::Grpc(send)
+}
+
+// ---------------------------------------------------------------------------
+// Killed client processes: the parent side.
 
 /// What a child reported on stdout.
 #[derive(Debug, Default, Clone, Copy)]
 struct Progress {
     sent: u64,
     acked: u64,
-}
-
-fn spawn_child(addr: &str, id: u32) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, format!("{addr},{id}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
 }
 
 /// Reads a child's stdout on a thread, forwarding its progress.
@@ -110,96 +435,54 @@ fn watch(child: &mut Child, k: usize, tx: std::sync::mpsc::Sender<(usize, Progre
     });
 }
 
-#[test]
-fn killed_client_processes_lose_nothing_acknowledged() {
+fn killed_clients(test_name: &str, bind: &str) {
     if let Ok(arg) = std::env::var(CHILD_ENV) {
         child_main(&arg);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(40), run())
-            .await
-            .expect("the fault test took over 40 s")
-    });
+    runtime().block_on(within(60, "the fault test", run_killed(test_name, bind)));
 }
 
-async fn run() {
+async fn run_killed(test_name: &str, bind: &str) {
     let spec = kit_spec(SIZE);
     let server = Server::builder(spec.clone())
         .batch_size(16)
         .registry(echo::registry())
         .build()
         .unwrap();
-    let url = server.listen("tcp://127.0.0.1:0").await.unwrap();
-    let addr = url.strip_prefix("tcp://").unwrap().to_string();
-    let consumer = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            let spec = server.spec().clone();
-            let (mut p, mut scratch) = (Vec::new(), Vec::new());
-            let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
-            while let Some(batch) = server.next_batch().await {
-                for k in 0..batch.len() {
-                    batch.copy_sample(k, &mut p);
-                    // Byte-exact, or the test fails here: a dead client's partial
-                    // payload completed by anyone else's bytes would not verify.
-                    let (c, s) =
-                        kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
-                    got.entry(c).or_default().push(s);
-                }
-            }
-            got
-        })
-    };
-    // In-process clients 0..4 send until every child is dead (at least 200 each).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut good = Vec::new();
-    for id in 0..4u32 {
-        let (url, spec, stop) = (url.clone(), spec.clone(), stop.clone());
-        good.push(tokio::spawn(async move {
-            let opts = ClientOptions {
-                connect_timeout: Duration::from_secs(5),
-                ..ClientOptions::default()
-            };
-            let mut c = echo::registry().connect(&url, &spec, &opts).await.unwrap();
-            let mut buf = Vec::new();
-            let mut seq = 0u32;
-            while seq < 200 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                kit_sample(&spec, id, seq, &mut buf);
-                c.send(&buf).await.unwrap();
-                seq += 1;
-            }
-            c.wait().await.unwrap();
-            let acked = c.stats().acked;
-            assert_eq!(acked, u64::from(seq), "client {id}: acked after wait()");
-            c.close().await.unwrap();
-            seq
-        }));
-    }
+    let url = server.listen(bind).await.unwrap();
+    let consumer = spawn_consumer(&server);
+    // In-process clients 0 and 1 send until every child is dead (at least 200
+    // each) and stop cleanly; 2 and 3 keep sending through the shutdown.
+    let stop = Arc::new(AtomicBool::new(false));
+    let steady = spawn_until_stopped(&url, &spec, 0..2, 200, &stop);
+    let busy = spawn_until_closed(&url, &spec, 2..4);
     // Client processes 100.., each killed once it has this many samples
-    // acknowledged; two at a time, so some die while others are starting.
+    // acknowledged; two at a time, so some die while others are starting. Even
+    // ones write raw bytes, odd ones use the transport's client.
     let kill_after = [3u64, 40, 97, 150, 260, 11];
     let ids: Vec<u32> = (0..kill_after.len() as u32).map(|k| 100 + k).collect();
+    let mode = |k: usize| if k % 2 == 0 { "raw" } else { "client" };
     let (tx, rx) = std::sync::mpsc::channel();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
     let mut last = vec![Progress::default(); ids.len()];
-    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
     for pair in (0..ids.len()).collect::<Vec<_>>().chunks(2) {
-        let mut children: Vec<(usize, Child)> = pair
+        let children: Vec<(usize, Child)> = pair
             .iter()
             .map(|&k| {
-                let mut c = spawn_child(&addr, ids[k]);
+                let arg = format!("{} {} {url}", mode(k), ids[k]);
+                let mut c = reexec(test_name, (CHILD_ENV, &arg))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap();
                 watch(&mut c, k, tx.clone());
                 (k, c)
             })
             .collect();
-        let rx = rx.clone();
-        let mut progress = last.clone();
-        let (children_back, progress) = tokio::task::spawn_blocking(move || {
+        let (rx, mut progress) = (rx.clone(), last.clone());
+        last = tokio::task::spawn_blocking(move || {
             let rx = rx.lock().unwrap();
+            let mut children = children;
             let deadline = Instant::now() + Duration::from_secs(20);
             while !children.is_empty() {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -216,14 +499,11 @@ async fn run() {
                     child.wait().unwrap();
                 }
             }
-            (children, progress)
+            progress
         })
         .await
         .unwrap();
-        assert!(children_back.is_empty());
-        last = progress;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(tx);
     // Progress lines written before the kill may still be in the pipes.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -231,46 +511,64 @@ async fn run() {
         last[k].sent = last[k].sent.max(p.sent);
         last[k].acked = last[k].acked.max(p.acked);
     }
-    let mut sent_by = Vec::new();
-    for g in good {
-        sent_by.push(g.await.unwrap());
-    }
-    server.shutdown().await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), consumer)
-        .await
-        .expect("the consumer finished")
-        .unwrap();
-    for (id, &per) in sent_by.iter().enumerate() {
-        let id = id as u32;
-        let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
-        eprintln!(
-            "in-process client {id}: {per} sent and acknowledged, {} delivered",
-            seqs.len()
-        );
+    // The dead clients' connections are released: only the four in-process
+    // clients' remain.
+    let started = Instant::now();
+    while server.metrics().active_connections != 4 {
         assert!(
-            seqs.iter().copied().eq(0..per),
-            "client {id}: expected 0..{per} once each in order, got {} samples",
-            seqs.len()
+            started.elapsed() < Duration::from_secs(20),
+            "the dead clients' connections were not released: {:?}",
+            server.metrics().transports
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "dead clients' connections released {:?} after the last kill",
+        started.elapsed()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut sent_by = Vec::new();
+    for g in steady {
+        sent_by.push(within(20, "a steady client", g).await.unwrap());
+    }
+    // Shutdown under load: clients 2 and 3 are still sending.
+    within(30, "shutdown", server.shutdown()).await.unwrap();
+    let mut busy_by = Vec::new();
+    for (i, b) in busy.into_iter().enumerate() {
+        let (err, sent, acked) = within(20, "a client seeing the shutdown", b).await.unwrap();
+        assert!(
+            err.is_closed(),
+            "client {}: got {err}, expected ConnectionClosed",
+            i + 2
+        );
+        busy_by.push((sent, acked));
+    }
+    let got: Got = within(10, "the consumer", consumer).await.unwrap();
+
+    for (id, &n) in sent_by.iter().enumerate() {
+        eprintln!("in-process client {id}: {n} sent and acknowledged");
+        assert_exactly(&got, id as u32, n);
+    }
+    for (i, &(sent, acked)) in busy_by.iter().enumerate() {
+        let id = i as u32 + 2;
+        // The send that failed may have reached the server.
+        let n = assert_prefix(&got, id, acked, sent + 1);
+        eprintln!(
+            "in-process client {id} (through the shutdown): {acked} acked, {sent} sent, {n} delivered"
         );
     }
     for (k, &id) in ids.iter().enumerate() {
-        let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
-        let n = seqs.len() as u64;
-        assert!(
-            seqs.iter().copied().eq(0..n as u32),
-            "killed client {id}: samples are not a gap-free prefix once each: {seqs:?}"
-        );
         let Progress { sent, acked } = last[k];
-        eprintln!("killed client {id}: {acked} acked, {sent} reported sent, {n} delivered");
         assert!(
             acked >= kill_after[k],
             "client {id} was killed before its acks"
         );
         // Everything acknowledged arrived; at most the payload being written when
         // the kill came beyond what the child reported sent.
-        assert!(
-            n >= acked && n <= sent + 1,
-            "killed client {id}: {n} delivered, {acked} acknowledged, {sent} reported sent"
+        let n = assert_prefix(&got, id, acked, sent + 1);
+        eprintln!(
+            "killed client {id} ({}): {acked} acked, {sent} reported sent, {n} delivered",
+            mode(k)
         );
     }
     assert_eq!(
@@ -281,140 +579,113 @@ async fn run() {
     );
 }
 
-/// Checks every sample of `batch` byte for byte and records it.
-fn take_batch(batch: &echo::Batch, got: &mut HashMap<u32, Vec<u32>>) {
-    let spec = batch.spec().clone();
-    let (mut p, mut scratch) = (Vec::new(), Vec::new());
-    for k in 0..batch.len() {
-        batch.copy_sample(k, &mut p);
-        let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
-        got.entry(c).or_default().push(s);
-    }
+// ---------------------------------------------------------------------------
+// A stalled consumer.
+
+fn stalled_consumer(test_name: &str, bind: &str) {
+    in_own_process(test_name, 90, || {
+        runtime().block_on(within(60, "the stalled-consumer test", run_stalled(bind)))
+    });
 }
 
-/// This process's resident set, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_stalled_for_seconds_keeps_memory_bounded_and_loses_nothing() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    if std::env::var(CHILD_ENV).is_ok() {
-        return;
-    }
+async fn run_stalled(bind: &str) {
+    // The configuration the memory bound is derived from.
+    let (size, batch, buffers, conns) = (16 * 1024, 16, 4, 4u32);
+    let limits = Limits::default();
+    let client_opts = opts();
     let stall = Duration::from_secs(3);
-    let run = async {
-        let size = 16 * 1024;
-        let spec = kit_spec(size);
-        let server = Server::builder(spec.clone())
-            .batch_size(16)
-            .num_buffers(4)
-            .registry(echo::registry())
-            .build()
-            .unwrap();
-        let url = server.listen("tcp://127.0.0.1:0").await.unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut clients = Vec::new();
-        for id in 0..4u32 {
-            let (url, spec, stop) = (url.clone(), spec.clone(), stop.clone());
-            clients.push(tokio::spawn(async move {
-                let opts = ClientOptions {
-                    connect_timeout: Duration::from_secs(5),
-                    ..ClientOptions::default()
-                };
-                let mut c = echo::registry().connect(&url, &spec, &opts).await.unwrap();
-                let mut buf = Vec::new();
-                let mut seq = 0u32;
-                while !stop.load(Ordering::Relaxed) {
-                    kit_sample(&spec, id, seq, &mut buf);
-                    c.send(&buf).await.unwrap();
-                    seq += 1;
-                }
-                c.wait().await.unwrap();
-                assert_eq!(
-                    c.stats().acked,
-                    u64::from(seq),
-                    "client {id}: acked after wait()"
-                );
-                c.close().await.unwrap();
-                seq
-            }));
+
+    let baseline = rss_kib();
+    let spec = kit_spec(size);
+    let server = Server::builder(spec.clone())
+        .batch_size(batch)
+        .num_buffers(buffers)
+        .limits(limits.clone())
+        .registry(echo::registry())
+        .build()
+        .unwrap();
+    let url = server.listen(bind).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = spawn_until_stopped(&url, &spec, 0..conns, 0, &stop);
+    let mut got = Got::new();
+    // Flowing: 20 batches.
+    for _ in 0..20 {
+        take_batch(&server.next_batch().await.unwrap(), &mut got);
+    }
+    // Stalled: nobody consumes; the clients keep trying.
+    let at_stall = rss_kib();
+    let inserted_before = server.metrics().samples_inserted_total;
+    let mut peak = at_stall;
+    let t = Instant::now();
+    while t.elapsed() < stall {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(rss_kib());
+    }
+    let m = server.metrics();
+    let inserted_during = m.samples_inserted_total - inserted_before;
+    // Resumed: the flow picks up, then the clients stop and everything drains.
+    let consumed_before = got.values().map(Vec::len).sum::<usize>();
+    for _ in 0..20 {
+        take_batch(&server.next_batch().await.unwrap(), &mut got);
+    }
+    // The clients wait for their last acks, which need room in the ring: keep
+    // consuming meanwhile.
+    stop.store(true, Ordering::Relaxed);
+    let drain = tokio::spawn({
+        let server = server.clone();
+        async move {
+            while let Some(batch) = server.next_batch().await {
+                take_batch(&batch, &mut got);
+            }
+            got
         }
-        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
-        let take = |batch: echo::Batch, got: &mut HashMap<u32, Vec<u32>>| take_batch(&batch, got);
-        // Flowing: 20 batches.
-        for _ in 0..20 {
-            take(server.next_batch().await.unwrap(), &mut got);
-        }
-        // Stalled: nobody consumes; the clients keep trying.
-        let before = rss_kib();
-        let inserted_before = server.metrics().samples_inserted_total;
-        let mut peak = before;
-        let t = Instant::now();
-        while t.elapsed() < stall {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            peak = peak.max(rss_kib());
-        }
-        let inserted_during = server.metrics().samples_inserted_total - inserted_before;
-        // Resumed: the flow picks up, then the clients stop and everything drains.
-        let resumed_at = got.values().map(Vec::len).sum::<usize>();
-        for _ in 0..20 {
-            take(server.next_batch().await.unwrap(), &mut got);
-        }
-        // The clients wait for their last acks, which need room in the ring:
-        // keep consuming meanwhile.
-        stop.store(true, Ordering::Relaxed);
-        let drain = {
-            let server = server.clone();
-            tokio::spawn(async move {
-                while let Some(batch) = server.next_batch().await {
-                    take_batch(&batch, &mut got);
-                }
-                got
-            })
-        };
-        let mut sent = Vec::new();
-        for c in clients {
-            sent.push(c.await.unwrap());
-        }
-        server.shutdown().await.unwrap();
-        let got = drain.await.unwrap();
-        eprintln!(
-            "stalled consumer: RSS {before} KiB at the stall, peak {peak} KiB over {stall:?}; \
-             {inserted_during} samples inserted while stalled; {resumed_at} consumed before, \
-             {} in all",
-            got.values().map(Vec::len).sum::<usize>()
-        );
-        // The ring holds 4 x 16 samples of 16 KiB (allocated before the stall);
-        // the per-connection queues (8 x 256 KiB each) and the clients' windows
-        // (32 x 16 KiB each) add about 10 MiB at most. An unbounded server would
-        // buffer everything the clients can send in 3 s instead (hundreds of MiB).
-        assert!(
-            peak.saturating_sub(before) < 64 * 1024,
-            "RSS grew from {before} KiB to {peak} KiB while the consumer was stalled"
-        );
-        assert!(
-            inserted_during <= 2 * 4 * 16,
-            "{inserted_during} samples went into a ring of 64 while nobody consumed"
-        );
-        for (id, &n) in sent.iter().enumerate() {
-            let id = id as u32;
-            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
-            assert!(
-                seqs.iter().copied().eq(0..n),
-                "client {id}: expected 0..{n} once each in order, got {} samples",
-                seqs.len()
-            );
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(40), run)
-        .await
-        .expect("the stalled-consumer test took over 40 s");
+    });
+    let mut sent = Vec::new();
+    for c in clients {
+        sent.push(within(20, "a client", c).await.unwrap());
+    }
+    within(20, "shutdown", server.shutdown()).await.unwrap();
+    let got = within(10, "the consumer", drain).await.unwrap();
+
+    // The bound. The ring is allocated up front. Each connection may hold
+    // `queue_size` receive buffers of `chunk_bytes` (or one payload, if larger)
+    // queued, and its client keeps up to `max_inflight` payloads unacknowledged,
+    // which may sit in up to three places at once (the client's buffer, the
+    // transport's buffers on either side). Slack covers runtimes, TLS, the
+    // transports' fixed buffers and the allocator.
+    let kib = |b: usize| (b / 1024) as u64;
+    let ring = kib(batch * buffers * size);
+    let per_conn = kib(limits.queue_size * limits.chunk_bytes.max(size))
+        + 3 * kib(client_opts.max_inflight * size);
+    let slack = 24 * 1024;
+    let stall_bound = u64::from(conns) * per_conn + slack;
+    let total_bound = ring + stall_bound;
+    eprintln!(
+        "{bind}: RSS {baseline} KiB before the server, {at_stall} KiB at the stall, peak {peak} KiB \
+         over {stall:?} (growth {} KiB during the stall, bound {stall_bound} KiB; {} KiB in all, \
+         bound {total_bound} KiB); {inserted_during} samples inserted while stalled; \
+         {consumed_before} consumed before, {} in all",
+        peak.saturating_sub(at_stall),
+        peak.saturating_sub(baseline),
+        got.values().map(Vec::len).sum::<usize>()
+    );
+    // An unbounded server would buffer everything the clients can send in 3 s
+    // instead (hundreds of MiB).
+    assert!(
+        peak.saturating_sub(at_stall) < stall_bound,
+        "RSS grew from {at_stall} KiB to {peak} KiB while the consumer was stalled \
+         (bound {stall_bound} KiB)"
+    );
+    assert!(
+        peak.saturating_sub(baseline) < total_bound,
+        "RSS grew from {baseline} KiB to {peak} KiB in all (bound {total_bound} KiB)"
+    );
+    let capacity = (batch * buffers) as u64;
+    assert!(
+        inserted_during <= capacity,
+        "{inserted_during} samples went into a ring of {capacity} while nobody consumed"
+    );
+    for (id, &n) in sent.iter().enumerate() {
+        assert_exactly(&got, id as u32, n);
+    }
 }

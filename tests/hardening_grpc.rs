@@ -5,72 +5,17 @@
 //! and nothing from a refused message reaches a batch.
 #![cfg(feature = "grpc")]
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::ops::Range;
+mod hardening;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use echo::grpc::proto::PushRequest;
-use echo::{ClientOptions, Server, Spec, Url};
-use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
+use echo::{Server, Spec, Url};
+use echo_core::testkit::{kit_sample, kit_spec};
+use hardening::{assert_exactly, rss_kib, spawn_consumer, spawn_good, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-
-async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
-fn spawn_consumer(server: &Server) -> JoinHandle<HashMap<u32, Vec<u32>>> {
-    let server = server.clone();
-    tokio::spawn(async move {
-        let spec = server.spec().clone();
-        let (mut p, mut scratch) = (Vec::new(), Vec::new());
-        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
-        while let Some(batch) = server.next_batch().await {
-            for k in 0..batch.len() {
-                batch.copy_sample(k, &mut p);
-                let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
-                got.entry(c).or_default().push(s);
-            }
-        }
-        got
-    })
-}
-
-fn spawn_good(url: &str, spec: &Spec, ids: Range<u32>, n: u32) -> Vec<JoinHandle<()>> {
-    ids.map(|id| {
-        let (url, spec) = (url.to_string(), spec.clone());
-        tokio::spawn(async move {
-            let opts = ClientOptions {
-                connect_timeout: Duration::from_secs(10),
-                ..ClientOptions::default()
-            };
-            let mut c = echo::registry().connect(&url, &spec, &opts).await.unwrap();
-            let mut buf = Vec::new();
-            for seq in 0..n {
-                kit_sample(&spec, id, seq, &mut buf);
-                c.send(&buf).await.unwrap();
-            }
-            c.wait().await.unwrap();
-            assert_eq!(c.stats().acked, u64::from(n));
-            c.close().await.unwrap();
-        })
-    })
-    .collect()
-}
 
 /// Pushes one message of kit samples `0..count` of client 900, cut to `len`
 /// bytes, on a fresh Push stream; returns the status it was refused with.
@@ -161,12 +106,7 @@ async fn oversized_messages_non_http2_bytes_and_silent_connections_harm_no_one()
         within(15, "shutdown", server.shutdown()).await.unwrap();
         let got = within(10, "the consumer", consumer).await.unwrap();
         for (id, n) in [(0, 400), (1, 400), (2, 400), (3, 200), (4, 200)] {
-            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
-            assert!(
-                seqs.iter().copied().eq(0..n),
-                "client {id}: expected 0..{n} once each in order, got {} samples",
-                seqs.len()
-            );
+            assert_exactly(&got, id, n);
         }
         assert!(
             !got.contains_key(&900),

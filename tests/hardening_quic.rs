@@ -6,77 +6,15 @@
 //! echo-quic's own tests.)
 #![cfg(feature = "quic")]
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::ops::Range;
+mod hardening;
+
 use std::time::Duration;
 
 use echo::quic::{quinn, raw_connection};
 use echo::wire::{handshake_bytes, CLIENT_HELLO};
-use echo::{ClientOptions, Limits, Server, Spec};
-use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
-use tokio::task::JoinHandle;
-
-async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
-}
-
-fn opts() -> ClientOptions {
-    ClientOptions {
-        connect_timeout: Duration::from_secs(10),
-        ..ClientOptions::default()
-    }
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
-/// Consumes until shutdown; every sample must be a kit sample, byte-exact.
-fn spawn_consumer(server: &Server) -> JoinHandle<HashMap<u32, Vec<u32>>> {
-    let server = server.clone();
-    tokio::spawn(async move {
-        let spec = server.spec().clone();
-        let (mut p, mut scratch) = (Vec::new(), Vec::new());
-        let mut got: HashMap<u32, Vec<u32>> = HashMap::new();
-        while let Some(batch) = server.next_batch().await {
-            for k in 0..batch.len() {
-                batch.copy_sample(k, &mut p);
-                let (c, s) = kit_verify(&spec, &p, &mut scratch).unwrap_or_else(|e| panic!("{e}"));
-                got.entry(c).or_default().push(s);
-            }
-        }
-        got
-    })
-}
-
-fn spawn_good(url: &str, spec: &Spec, ids: Range<u32>, n: u32) -> Vec<JoinHandle<()>> {
-    ids.map(|id| {
-        let (url, spec) = (url.to_string(), spec.clone());
-        tokio::spawn(async move {
-            let mut c = echo::registry()
-                .connect(&url, &spec, &opts())
-                .await
-                .unwrap();
-            let mut buf = Vec::new();
-            for seq in 0..n {
-                kit_sample(&spec, id, seq, &mut buf);
-                c.send(&buf).await.unwrap();
-            }
-            c.wait().await.unwrap();
-            assert_eq!(c.stats().acked, u64::from(n));
-            c.close().await.unwrap();
-        })
-    })
-    .collect()
-}
+use echo::{Limits, Server};
+use echo_core::testkit::{kit_sample, kit_spec};
+use hardening::{assert_exactly, rss_kib, spawn_consumer, spawn_good, within};
 
 /// Opens `n` QUIC connections to the server at `url` from ONE client endpoint
 /// (each endpoint has megabytes of receive buffers, which would hide the server's
@@ -210,12 +148,7 @@ async fn bad_hellos_slow_streams_and_silent_connections_harm_no_one() {
             .unwrap();
         let got = within(10, "the consumer", consumer).await.unwrap();
         for (id, n) in [(0, 400), (1, 400), (2, 400), (3, 200), (4, 200), (500, 1)] {
-            let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
-            assert!(
-                seqs.iter().copied().eq(0..n),
-                "client {id}: expected 0..{n} once each in order, got {} samples",
-                seqs.len()
-            );
+            assert_exactly(&got, id, n);
         }
         assert_eq!(got.len(), 6, "unexpected ids: {:?}", got.keys());
         // Shutdown closed the silent connections.

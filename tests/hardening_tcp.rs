@@ -6,13 +6,14 @@
 //! byte-exact, and the server keeps serving.
 #![cfg(feature = "tcp")]
 
+mod hardening;
+
 use std::collections::HashMap;
-use std::future::Future;
-use std::ops::Range;
 use std::time::Duration;
 
-use echo::{ClientOptions, Server, Spec};
+use echo::{Server, Spec};
 use echo_core::testkit::{kit_sample, kit_spec, kit_verify};
+use hardening::{join_good, opts, rss_kib, spawn_good, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -21,25 +22,12 @@ use tokio::task::JoinHandle;
 /// kit's and must verify; anything else came from a hostile peer's bytes.
 const KIT_IDS: u32 = 100_000;
 
-async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took over {secs} s"))
-}
-
 fn server(spec: &Spec, batch: usize) -> Server {
     Server::builder(spec.clone())
         .batch_size(batch)
         .registry(echo::registry())
         .build()
         .unwrap()
-}
-
-fn opts() -> ClientOptions {
-    ClientOptions {
-        connect_timeout: Duration::from_secs(5),
-        ..ClientOptions::default()
-    }
 }
 
 fn addr(url: &str) -> &str {
@@ -109,35 +97,6 @@ fn spawn_consumer(server: &Server) -> JoinHandle<Tally> {
     })
 }
 
-/// A well-behaved client: sends samples `0..n` of `id`, waits for every ack,
-/// closes; returns how many were acknowledged.
-async fn good_client(url: String, spec: Spec, id: u32, n: u32) -> u64 {
-    let mut c = echo::registry()
-        .connect(&url, &spec, &opts())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    for seq in 0..n {
-        kit_sample(&spec, id, seq, &mut buf);
-        c.send(&buf).await.unwrap();
-    }
-    c.wait().await.unwrap();
-    let acked = c.stats().acked;
-    c.close().await.unwrap();
-    acked
-}
-
-fn spawn_good(url: &str, spec: &Spec, ids: Range<u32>, n: u32) -> Vec<JoinHandle<u64>> {
-    ids.map(|id| tokio::spawn(good_client(url.to_string(), spec.clone(), id, n)))
-        .collect()
-}
-
-async fn join_good(clients: Vec<JoinHandle<u64>>, n: u32) {
-    for c in clients {
-        assert_eq!(c.await.unwrap(), u64::from(n), "a good client's acks");
-    }
-}
-
 /// Reads the server's handshake off a raw connection.
 async fn read_handshake(s: &mut TcpStream, spec: &Spec) {
     let want = echo_core::wire::handshake_bytes(&spec.wire());
@@ -155,16 +114,6 @@ async fn read_acks_to_end(s: &mut TcpStream) -> usize {
     let _ = within(10, "reading acks to the end", s.read_to_end(&mut rest)).await;
     assert!(rest.iter().all(|&b| b == 1), "non-ack bytes: {rest:?}");
     rest.len()
-}
-
-/// This process's resident set, in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
 }
 
 /// Deterministic noise whose 4-byte words never look like a kit client id.
@@ -229,8 +178,8 @@ async fn garbage_or_http_as_first_bytes_is_data_and_harms_no_other_client() {
         }
         // The server still takes new clients afterwards.
         let later = spawn_good(&url, &spec, 4..6, 100);
-        join_good(good, 400).await;
-        join_good(later, 100).await;
+        join_good(good).await;
+        join_good(later).await;
         server.shutdown().await.unwrap();
         let tally = within(10, "the consumer", consumer).await.unwrap();
 
@@ -289,7 +238,7 @@ async fn a_flood_of_silent_connections_keeps_memory_bounded_and_good_clients_ser
             idle.push(TcpStream::connect(addr(&url)).await.unwrap());
         }
         let good = spawn_good(&url, &spec, 0..4, 500);
-        join_good(good, 500).await;
+        join_good(good).await;
         // Every silent peer was admitted and handed the handshake; they are still open.
         let mut settled = false;
         for _ in 0..200 {
@@ -382,7 +331,7 @@ async fn over_the_connection_limit_the_next_peer_is_closed_at_once() {
         };
         drop(again);
         let later = spawn_good(&url, &spec, 1..3, 50);
-        join_good(later, 50).await;
+        join_good(later).await;
         server.shutdown().await.unwrap();
         let tally = within(10, "the consumer", consumer).await.unwrap();
         tally.assert_exactly(0, 100);
@@ -426,7 +375,7 @@ async fn a_peer_sending_one_byte_at_a_time_holds_only_its_connection() {
             })
         };
         let good = spawn_good(&url, &spec, 0..4, 500);
-        join_good(good, 500).await;
+        join_good(good).await;
         let s = within(10, "the slow peer", slow).await.unwrap();
         // The slow peer leaves mid-payload.
         drop(s);
@@ -475,8 +424,8 @@ async fn peers_resetting_mid_payload_lose_only_what_was_not_acknowledged() {
             drop(s);
         }
         let later = spawn_good(&url, &spec, 3..5, 100);
-        join_good(good, 600).await;
-        join_good(later, 100).await;
+        join_good(good).await;
+        join_good(later).await;
         server.shutdown().await.unwrap();
         let tally = within(10, "the consumer", consumer).await.unwrap();
         for id in 0..3 {
