@@ -19,6 +19,7 @@
 //! `acked N` as it goes, so the parent knows what was acknowledged before the
 //! kill. The stalled-consumer tests run in a child process of their own, so that
 //! its resident set is theirs alone.
+#![cfg(any(feature = "tcp", feature = "grpc", feature = "quic"))]
 
 mod hardening;
 
