@@ -1,13 +1,10 @@
 //! The `quic://` client: one QUIC connection, one or more bidirectional streams,
 //! each running wire v1 through core's [`StreamClient`].
 
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,11 +14,11 @@ use echo_core::{
     Client, ClientFactory, ClientOptions, ClientStats, Error, LatencyHistogram, Result, Spec, Url,
 };
 use quinn::crypto::rustls::QuicClientConfig;
-use quinn::{ConnectionError, Endpoint, SendStream, TransportErrorCode};
-use tokio::io::AsyncWrite;
+use quinn::{ConnectionError, Endpoint, TransportErrorCode};
 use tokio::time::timeout;
 
-use crate::config::Tuning;
+use crate::config::{Peer, Tuning};
+use crate::send::{FinishingSend, PiecePool};
 use crate::server::{resolve, CODE_REFUSED};
 use crate::tls;
 
@@ -227,7 +224,8 @@ async fn connect_quic(target: &Target, peer: &str) -> Result<(Endpoint, quinn::C
     let crypto = QuicClientConfig::try_from(rustls_cfg)
         .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(target.tuning.transport(0, true)));
+    let peer_kind = Peer::of(target.addr.ip());
+    cfg.transport_config(Arc::new(target.tuning.transport(0, true, peer_kind)));
     let local: SocketAddr = if target.addr.is_ipv6() {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -235,7 +233,7 @@ async fn connect_quic(target: &Target, peer: &str) -> Result<(Endpoint, quinn::C
     };
     let socket = target.tuning.socket(local)?;
     let endpoint = Endpoint::new(
-        target.tuning.endpoint(),
+        target.tuning.endpoint(peer_kind),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -277,6 +275,7 @@ impl ClientFactory for QuicClientFactory {
         let setup = async {
             let (endpoint, conn) = connect_quic(&target, &peer).await?;
             let mut streams = Vec::with_capacity(target.streams);
+            let pool = Arc::new(PiecePool::new(target.tuning.send_window));
             for (i, &cap) in caps.iter().enumerate() {
                 let (send, recv) = conn
                     .open_bi()
@@ -286,7 +285,7 @@ impl ClientFactory for QuicClientFactory {
                     max_inflight: cap,
                     ..options.clone()
                 };
-                let writer = FinishingSend::new(send, target.linger);
+                let writer = FinishingSend::new(send, pool.clone(), target.linger);
                 // One stream: large payloads are written straight from the caller's
                 // buffer. Several: always through each stream's outbox, so `send`
                 // never waits on a stream whose flow control stalled.
@@ -478,88 +477,6 @@ impl Client for QuicClient {
             latency.merge(&s.window().latency());
         }
         latency
-    }
-}
-
-/// Most bytes handed to quinn per write call.
-const WRITE_PIECE: usize = 64 * 1024;
-
-/// A QUIC send stream whose `shutdown` finishes the stream and then waits (up to
-/// a limit) until the peer has acknowledged all of it, so that closing the
-/// connection afterwards loses nothing.
-struct FinishingSend {
-    send: Option<SendStream>,
-    linger: Duration,
-    finishing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-}
-
-impl FinishingSend {
-    fn new(send: SendStream, linger: Duration) -> Self {
-        FinishingSend {
-            send: Some(send),
-            linger,
-            finishing: None,
-        }
-    }
-}
-
-impl AsyncWrite for FinishingSend {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        // quinn copies each write into one new allocation; pieces of at most
-        // WRITE_PIECE keep those allocations small enough for the allocator to
-        // reuse instead of mapping fresh pages for every large payload.
-        let piece = &buf[..buf.len().min(WRITE_PIECE)];
-        match self.send.as_mut() {
-            Some(s) => AsyncWrite::poll_write(Pin::new(s), cx, piece),
-            None => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "QUIC stream already finished",
-            ))),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.send.as_mut() {
-            Some(s) => AsyncWrite::poll_flush(Pin::new(s), cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.finishing.is_none() {
-            let Some(mut send) = self.send.take() else {
-                return Poll::Ready(Ok(()));
-            };
-            if send.finish().is_err() {
-                // Already reset or stopped: nothing left to deliver.
-                return Poll::Ready(Ok(()));
-            }
-            let stopped = send.stopped();
-            let linger = self.linger;
-            self.finishing = Some(Box::pin(async move {
-                let _ = timeout(linger, stopped).await;
-                drop(send);
-            }));
-        }
-        match self.finishing.as_mut().map(|f| f.as_mut().poll(cx)) {
-            Some(Poll::Pending) => Poll::Pending,
-            _ => {
-                self.finishing = None;
-                Poll::Ready(Ok(()))
-            }
-        }
-    }
-}
-
-impl std::fmt::Debug for FinishingSend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FinishingSend")
-            .field("stream", &self.send.as_ref().map(|s| s.id()))
-            .finish()
     }
 }
 

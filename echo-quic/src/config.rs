@@ -29,7 +29,8 @@ pub struct Tuning {
     /// occupy at the receiver.
     pub conn_window: u64,
     /// Bytes of application writes a sender keeps until they are acknowledged
-    /// (`send_window`, default 16 MiB).
+    /// (`send_window`, default 16 MiB). A client also keeps up to this many
+    /// bytes of its 64 KiB write buffers for reuse once they are acknowledged.
     pub send_window: u64,
     /// Largest UDP payload path-MTU discovery probes for (`max_mtu`, default
     /// 6500; quinn's default is 1452). Probes that do not fit the path are
@@ -38,6 +39,17 @@ pub struct Tuning {
     /// the kernel up to 10 datagrams per send, and they must fit in 64 KiB (a
     /// larger batch is dropped whole, silently).
     pub max_mtu: u16,
+    /// Largest UDP payload path-MTU discovery probes for on loopback, i.e. when
+    /// the peer's address is a loopback address (`loopback_mtu`, default
+    /// 32768; the loopback device carries up to about 65,500). Above 6550 those
+    /// connections send one datagram per system call instead of using `gso`:
+    /// the kernel's cost per byte stays about the same, and quinn's per-packet
+    /// work (headers, encryption calls, acknowledgements) drops. 0 treats
+    /// loopback like any other path (`max_mtu`). 65527 means fewer packets
+    /// still, but each received datagram is then a 64 KiB allocation inside
+    /// quinn, and with glibc's allocator those cost more page faults than the
+    /// smaller packets save (BENCHMARKS.md, "QUIC").
+    pub loopback_mtu: u16,
     /// Congestion controller (`cc`: `cubic`, the default, `bbr` or `newreno`).
     pub congestion: Congestion,
     /// UDP socket send and receive buffer size asked of the kernel (`udp_buffer`,
@@ -52,6 +64,28 @@ pub struct Tuning {
     /// Idle time after which a connection is dropped (`idle_timeout` in seconds,
     /// default 30). Clients send keep-alives at a third of it.
     pub idle_timeout: Duration,
+}
+
+/// Where a connection's peer is, as far as packet sizes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// A loopback address: this host, through the loopback device.
+    Loopback,
+    /// Any other address.
+    Remote,
+    /// Not known yet (a server's endpoint, which may have peers of both kinds).
+    Any,
+}
+
+impl Peer {
+    /// The kind of path to `addr`.
+    pub(crate) fn of(addr: std::net::IpAddr) -> Peer {
+        if addr.to_canonical().is_loopback() {
+            Peer::Loopback
+        } else {
+            Peer::Remote
+        }
+    }
 }
 
 /// A congestion controller quinn offers.
@@ -85,6 +119,7 @@ impl Default for Tuning {
             conn_window: 16 * MIB,
             send_window: 16 * MIB,
             max_mtu: 6500,
+            loopback_mtu: 32768,
             congestion: Congestion::Cubic,
             udp_buffer: 4 * MIB as usize,
             ack_threshold: 0,
@@ -110,6 +145,7 @@ impl Tuning {
             conn_window: query_param(url, "conn_window", d.conn_window)?,
             send_window: query_param(url, "send_window", d.send_window)?,
             max_mtu: query_param(url, "max_mtu", d.max_mtu)?,
+            loopback_mtu: query_param(url, "loopback_mtu", d.loopback_mtu)?,
             congestion: query_param(url, "cc", d.congestion)?,
             udp_buffer: query_param(url, "udp_buffer", d.udp_buffer)?,
             gso: query_param(url, "gso", d.gso)?,
@@ -148,6 +184,12 @@ impl Tuning {
                 self.max_mtu
             ));
         }
+        if self.loopback_mtu != 0 && !(1200..=65527).contains(&self.loopback_mtu) {
+            return Err(format!(
+                "loopback_mtu must be 0 (off) or between 1200 and 65527, got {}",
+                self.loopback_mtu
+            ));
+        }
         if self.gso && self.max_mtu > MAX_GSO_MTU {
             return Err(format!(
                 "max_mtu above {MAX_GSO_MTU} needs gso=false (quinn sends up to 10 datagrams \
@@ -164,9 +206,27 @@ impl Tuning {
         Ok(())
     }
 
-    /// quinn's transport config for these settings. `bidi_streams` is how many
-    /// bidirectional streams the peer may open at once (0 for a client).
-    pub(crate) fn transport(&self, bidi_streams: u32, keep_alive: bool) -> TransportConfig {
+    /// The MTU discovery bound and whether to use GSO on a path to `peer`.
+    fn path(&self, peer: Peer) -> (u16, bool) {
+        match peer {
+            Peer::Loopback if self.loopback_mtu != 0 => (
+                self.loopback_mtu,
+                self.gso && self.loopback_mtu <= MAX_GSO_MTU,
+            ),
+            _ => (self.max_mtu, self.gso),
+        }
+    }
+
+    /// quinn's transport config for these settings on a path to `peer`.
+    /// `bidi_streams` is how many bidirectional streams the peer may open at
+    /// once (0 for a client).
+    pub(crate) fn transport(
+        &self,
+        bidi_streams: u32,
+        keep_alive: bool,
+        peer: Peer,
+    ) -> TransportConfig {
+        let (max_mtu, gso) = self.path(peer);
         let mut t = TransportConfig::default();
         let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
         t.max_concurrent_bidi_streams(bidi_streams.into())
@@ -177,7 +237,7 @@ impl Tuning {
             // On a LAN the first round trip is far below quinn's 333 ms guess.
             .initial_rtt(Duration::from_millis(10))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
-            .enable_segmentation_offload(self.gso);
+            .enable_segmentation_offload(gso);
         if keep_alive {
             t.keep_alive_interval(Some(self.idle_timeout / 3));
         }
@@ -187,7 +247,7 @@ impl Tuning {
             t.ack_frequency_config(Some(ack));
         }
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(self.max_mtu);
+        mtu.upper_bound(max_mtu);
         // Probe again soon after a change of path instead of every 10 minutes.
         mtu.interval(Duration::from_secs(60));
         t.mtu_discovery_config(Some(mtu));
@@ -205,11 +265,17 @@ impl Tuning {
         t
     }
 
-    /// quinn's endpoint config: accepts UDP payloads up to `max_mtu`.
-    pub(crate) fn endpoint(&self) -> EndpointConfig {
+    /// quinn's endpoint config: accepts UDP payloads up to the MTU bound of
+    /// any path it may carry (`Peer::Any` for a server that may also be reached
+    /// over loopback).
+    pub(crate) fn endpoint(&self, peer: Peer) -> EndpointConfig {
+        let mut mtu = self.max_mtu;
+        if peer != Peer::Remote {
+            mtu = mtu.max(self.path(Peer::Loopback).0);
+        }
         let mut e = EndpointConfig::default();
         // Within 1200..=65527 (validated), which quinn accepts.
-        let _ = e.max_udp_payload_size(self.max_mtu.max(1472));
+        let _ = e.max_udp_payload_size(mtu.max(1472));
         e
     }
 
@@ -230,5 +296,67 @@ impl Tuning {
             tracing::debug!("quic: cannot set UDP send buffer: {e}");
         }
         Ok(socket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuning(query: &str) -> Result<Tuning> {
+        Tuning::from_url(&Url::parse(&format!("quic://127.0.0.1:1?{query}")).unwrap())
+    }
+
+    #[test]
+    fn loopback_peers_are_recognised() {
+        for ip in ["127.0.0.1", "127.3.2.1", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(Peer::of(ip.parse().unwrap()), Peer::Loopback, "{ip}");
+        }
+        for ip in [
+            "10.0.0.1",
+            "192.168.1.2",
+            "::ffff:10.0.0.1",
+            "fe80::1",
+            "0.0.0.0",
+        ] {
+            assert_eq!(Peer::of(ip.parse().unwrap()), Peer::Remote, "{ip}");
+        }
+    }
+
+    #[test]
+    fn loopback_paths_get_large_packets_without_gso() {
+        let t = tuning("").unwrap();
+        assert_eq!(t.path(Peer::Loopback), (32768, false));
+        assert_eq!(t.path(Peer::Remote), (6500, true));
+        // A loopback bound that fits GSO keeps it.
+        let t = tuning("loopback_mtu=6000").unwrap();
+        assert_eq!(t.path(Peer::Loopback), (6000, true));
+        // Off: loopback is like any other path.
+        let t = tuning("loopback_mtu=0&max_mtu=1452").unwrap();
+        assert_eq!(t.path(Peer::Loopback), (1452, true));
+        let t = tuning("gso=false").unwrap();
+        assert_eq!(t.path(Peer::Remote), (6500, false));
+        assert_eq!(t.path(Peer::Loopback), (32768, false));
+    }
+
+    #[test]
+    fn endpoints_accept_the_largest_packets_they_may_carry() {
+        let t = tuning("loopback_mtu=30000").unwrap();
+        let size = |peer| t.endpoint(peer).get_max_udp_payload_size();
+        assert_eq!(size(Peer::Loopback), 30000);
+        assert_eq!(size(Peer::Any), 30000);
+        assert_eq!(size(Peer::Remote), 6500);
+        let t = tuning("loopback_mtu=0").unwrap();
+        assert_eq!(t.endpoint(Peer::Any).get_max_udp_payload_size(), 6500);
+    }
+
+    #[test]
+    fn bad_loopback_mtu_is_refused_clearly() {
+        for (v, want) in [("1000", "got 1000"), ("70000", "70000")] {
+            let e = tuning(&format!("loopback_mtu={v}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("loopback_mtu") && e.contains(want), "{e}");
+        }
     }
 }

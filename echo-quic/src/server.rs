@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
-use crate::config::Tuning;
+use crate::config::{Peer, Tuning};
 use crate::tls;
 
 /// Application error code: a stream or connection the server refused (a limit).
@@ -172,13 +172,24 @@ impl TransportFactory for QuicTransportFactory {
         };
         let crypto = QuicServerConfig::try_from(tls::server_config(chain, key)?)
             .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(Arc::new(tuning.transport(max_streams, false)));
-        // No connection migration: peers are on a LAN, and it keeps peer names stable.
-        server_config.migration(false);
+        let crypto = Arc::new(crypto);
+        let server_config = |peer| {
+            let mut c = quinn::ServerConfig::with_crypto(crypto.clone());
+            c.transport_config(Arc::new(tuning.transport(max_streams, false, peer)));
+            // No connection migration: peers are on a LAN, and it keeps peer names stable.
+            c.migration(false);
+            c
+        };
+        // Loopback peers get their own packet sizes (`loopback_mtu`).
+        let endpoint_peers = if bound.ip().is_unspecified() {
+            Peer::Any
+        } else {
+            Peer::of(bound.ip())
+        };
+        let loopback_config = Arc::new(server_config(Peer::Loopback));
         let endpoint = Endpoint::new(
-            tuning.endpoint(),
-            Some(server_config),
+            tuning.endpoint(endpoint_peers),
+            Some(server_config(Peer::Remote)),
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
@@ -201,6 +212,7 @@ impl TransportFactory for QuicTransportFactory {
         let stopper = Stopper::default();
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
+            loopback_config,
             ingress,
             stopper.signal(),
             max_conns,
@@ -259,6 +271,7 @@ async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
 
 async fn accept_loop(
     endpoint: Endpoint,
+    loopback_config: Arc<quinn::ServerConfig>,
     ingress: Ingress,
     mut stop: ShutdownSignal,
     max_conns: usize,
@@ -275,7 +288,9 @@ async fn accept_loop(
                 None => break,
                 Some(incoming) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        conns.spawn(serve_connection(incoming, permit, ingress.clone(), stop.clone()));
+                        let config = (Peer::of(incoming.remote_address().ip()) == Peer::Loopback)
+                            .then(|| loopback_config.clone());
+                        conns.spawn(serve_connection(incoming, config, permit, ingress.clone(), stop.clone()));
                     }
                     Err(_) => {
                         counters.connections_refused.fetch_add(1, Relaxed);
@@ -293,8 +308,11 @@ async fn accept_loop(
     while conns.join_next().await.is_some() {}
 }
 
+/// Serves one connection; `config` replaces the endpoint's server config (for
+/// loopback peers).
 async fn serve_connection(
     incoming: Incoming,
+    config: Option<Arc<quinn::ServerConfig>>,
     _slot: OwnedSemaphorePermit,
     ingress: Ingress,
     mut stop: ShutdownSignal,
@@ -302,7 +320,13 @@ async fn serve_connection(
     let remote = incoming.remote_address();
     let limit = ingress.limits().handshake_timeout;
     let counters = ingress.counters("quic");
-    let conn = match timeout(limit, async { incoming.await }).await {
+    let handshake = async {
+        match config {
+            Some(c) => incoming.accept_with(c)?.await,
+            None => incoming.await,
+        }
+    };
+    let conn = match timeout(limit, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             counters.connections_refused.fetch_add(1, Relaxed);

@@ -1,0 +1,258 @@
+//! The client's QUIC send half: writes large payloads through reusable buffers
+//! handed to quinn as [`Bytes`], and finishes the stream gracefully on shutdown.
+//!
+//! quinn's `&[u8]` write copies every write into a fresh allocation, which it
+//! frees once the peer has acknowledged the data. At a gigabyte per second that
+//! is a steady churn of 64 KiB blocks through the allocator, and glibc returns
+//! freed heap tops to the kernel, so most of those blocks come back as fresh
+//! pages, each one faulted in and zeroed by the kernel before the copy (at
+//! 1 MiB payloads about a quarter of the client's page faults and a large part
+//! of its CPU time; BENCHMARKS.md "QUIC"). Here each large write is copied once
+//! into a buffer from a small per-connection pool, quinn gets it as `Bytes`
+//! without copying, and the buffer returns to the pool when quinn drops it.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::SendStream;
+use tokio::io::AsyncWrite;
+use tokio::time::timeout;
+
+/// Bytes per pooled buffer: the most one write call takes.
+pub(crate) const PIECE: usize = 64 * 1024;
+/// Writes shorter than this use quinn's own copy (a pooled 64 KiB buffer would
+/// hold them wastefully until acknowledged).
+const POOLED_MIN: usize = 16 * 1024;
+
+/// Reusable write buffers, shared by the streams of one connection.
+#[derive(Debug)]
+pub(crate) struct PiecePool {
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Free buffers kept; more are given back to the allocator.
+    keep: usize,
+}
+
+impl PiecePool {
+    /// A pool keeping up to `send_window` bytes of free buffers: as much as
+    /// quinn may hold unacknowledged, so a burst of acknowledgements returns
+    /// buffers here instead of to the allocator.
+    pub(crate) fn new(send_window: u64) -> Self {
+        PiecePool {
+            free: Mutex::new(Vec::new()),
+            keep: (send_window / PIECE as u64).clamp(1, 1 << 16) as usize,
+        }
+    }
+
+    /// `data` (at most [`PIECE`] bytes) copied into a pooled buffer.
+    fn piece(self: &Arc<Self>, data: &[u8]) -> Bytes {
+        debug_assert!(data.len() <= PIECE);
+        let buf = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = buf.unwrap_or_else(|| vec![0; PIECE]);
+        buf[..data.len()].copy_from_slice(data);
+        Bytes::from_owner(Piece {
+            buf,
+            len: data.len(),
+            pool: self.clone(),
+        })
+    }
+
+    /// Free buffers held (for tests).
+    #[cfg(test)]
+    fn free_len(&self) -> usize {
+        self.free.lock().unwrap().len()
+    }
+}
+
+/// A pooled buffer's first `len` bytes; goes back to the pool when dropped.
+struct Piece {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<PiecePool>,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < self.pool.keep {
+            free.push(buf);
+        }
+    }
+}
+
+/// A QUIC send stream for [`StreamClient`](echo_core::stream::StreamClient).
+///
+/// A large write is accepted whole into a pooled buffer and handed to quinn as
+/// far as its flow control allows; the rest waits in `stash` and goes first on
+/// the next write or flush, so at most one buffer of accepted bytes is held
+/// here (the stream client flushes after every payload). `shutdown` finishes
+/// the stream and then waits (up to `linger`) until the peer has acknowledged
+/// all of it, so that closing the connection afterwards loses nothing.
+pub(crate) struct FinishingSend {
+    send: Option<SendStream>,
+    pool: Arc<PiecePool>,
+    stash: Option<Bytes>,
+    linger: Duration,
+    finishing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl FinishingSend {
+    pub(crate) fn new(send: SendStream, pool: Arc<PiecePool>, linger: Duration) -> Self {
+        FinishingSend {
+            send: Some(send),
+            pool,
+            stash: None,
+            linger,
+            finishing: None,
+        }
+    }
+}
+
+fn finished() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "QUIC stream already finished")
+}
+
+/// Hands `stash` to quinn; ready once all of it is taken.
+fn push_stash(
+    send: &mut SendStream,
+    stash: &mut Option<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    while let Some(bytes) = stash.as_mut() {
+        if bytes.is_empty() {
+            *stash = None;
+            break;
+        }
+        // `write_chunks` takes what flow control allows (splitting the chunk if
+        // need be) and, when it cannot take anything, registers the waker and
+        // takes nothing: dropping it after one poll is fine.
+        let write = send.write_chunks(std::slice::from_mut(bytes));
+        let mut write = std::pin::pin!(write);
+        ready!(write.as_mut().poll(cx)).map_err(io::Error::from)?;
+    }
+    Poll::Ready(Ok(()))
+}
+
+impl AsyncWrite for FinishingSend {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let Some(send) = this.send.as_mut() else {
+            return Poll::Ready(Err(finished()));
+        };
+        ready!(push_stash(send, &mut this.stash, cx))?;
+        if buf.len() < POOLED_MIN {
+            return AsyncWrite::poll_write(Pin::new(send), cx, buf);
+        }
+        let n = buf.len().min(PIECE);
+        this.stash = Some(this.pool.piece(&buf[..n]));
+        // Accepted either way; what quinn cannot take yet goes out first later.
+        match push_stash(send, &mut this.stash, cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(n)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.send.as_mut() {
+            Some(s) => {
+                ready!(push_stash(s, &mut this.stash, cx))?;
+                AsyncWrite::poll_flush(Pin::new(s), cx)
+            }
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.finishing.is_none() {
+            let this = &mut *self;
+            let Some(send) = this.send.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            if ready!(push_stash(send, &mut this.stash, cx)).is_err() {
+                // Reset or stopped: nothing left to deliver.
+                this.send = None;
+                return Poll::Ready(Ok(()));
+            }
+            let Some(mut send) = this.send.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            if send.finish().is_err() {
+                // Already reset or stopped: nothing left to deliver.
+                return Poll::Ready(Ok(()));
+            }
+            let stopped = send.stopped();
+            let linger = self.linger;
+            self.finishing = Some(Box::pin(async move {
+                let _ = timeout(linger, stopped).await;
+                drop(send);
+            }));
+        }
+        match self.finishing.as_mut().map(|f| f.as_mut().poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => {
+                self.finishing = None;
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for FinishingSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FinishingSend")
+            .field("stream", &self.send.as_ref().map(|s| s.id()))
+            .field("stashed", &self.stash.as_ref().map_or(0, Bytes::len))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_return_to_the_pool_when_dropped() {
+        let pool = Arc::new(PiecePool::new(1 << 20));
+        let data: Vec<u8> = (0..PIECE).map(|i| i as u8).collect();
+        let a = pool.piece(&data[..20_000]);
+        let b = pool.piece(&data);
+        assert_eq!(&a[..], &data[..20_000]);
+        assert_eq!(&b[..], &data[..]);
+        assert_eq!(pool.free_len(), 0);
+        let tail = b.slice(100..);
+        drop(b);
+        assert_eq!(pool.free_len(), 0, "a slice still holds the buffer");
+        drop(tail);
+        drop(a);
+        assert_eq!(pool.free_len(), 2);
+        // Reused buffers carry only the new bytes.
+        let c = pool.piece(&data[5..17_000]);
+        assert_eq!(&c[..], &data[5..17_000]);
+        assert_eq!(pool.free_len(), 1);
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_buffers() {
+        let pool = Arc::new(PiecePool::new(4 * PIECE as u64));
+        let data = vec![1u8; PIECE];
+        let pieces: Vec<Bytes> = (0..9).map(|_| pool.piece(&data)).collect();
+        drop(pieces);
+        assert_eq!(pool.free_len(), 4);
+    }
+}
