@@ -57,6 +57,10 @@ struct Args {
     /// Extra query parameters for QUIC client URLs (e.g. `cc=bbr`).
     #[arg(long, default_value = "")]
     quic_client_query: String,
+    /// Also print page faults per sample (minor faults of the server process and
+    /// of this one): fresh pages the kernel had to map and zero.
+    #[arg(long)]
+    faults: bool,
     /// Internal: run as a server process for this URL.
     #[arg(long, hide = true)]
     role: Option<String>,
@@ -172,29 +176,41 @@ impl Proc {
         n
     }
 
-    fn cpu_secs(&self) -> f64 {
-        cpu_secs(&self.child.id().to_string())
+    fn usage(&self) -> Usage {
+        usage(&self.child.id().to_string())
     }
 }
 
-/// User + system CPU seconds of a process (`self` or a pid), from /proc.
-fn cpu_secs(pid: &str) -> f64 {
+/// CPU time and page faults of a process so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// User + system CPU seconds.
+    cpu: f64,
+    /// Minor page faults.
+    faults: f64,
+}
+
+/// A process's (`self` or a pid) usage, from /proc.
+fn usage(pid: &str) -> Usage {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return Usage::default();
     };
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 10 (minflt), 14 and 15 (utime, stime) are at 7, 11 and 12 after the name.
+    Usage {
+        cpu: (num(11) + num(12)) / 100.0,
+        faults: num(7),
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Cell {
     samples: u64,
     secs: f64,
-    server_cpu: f64,
-    client_cpu: f64,
+    server: Usage,
+    client: Usage,
 }
 
 async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, secs: f64) -> Cell {
@@ -308,10 +324,17 @@ fn measure(
     } else {
         format!("{}{sep}{client_extra}", server.url)
     };
-    let (s0, c0) = (server.cpu_secs(), cpu_secs("self"));
+    let (s0, c0) = (server.usage(), usage("self"));
     let mut cell = rt.block_on(run_clients(&url, payload, clients, args, secs));
-    cell.server_cpu = server.cpu_secs() - s0;
-    cell.client_cpu = cpu_secs("self") - c0;
+    let (s1, c1) = (server.usage(), usage("self"));
+    cell.server = Usage {
+        cpu: s1.cpu - s0.cpu,
+        faults: s1.faults - s0.faults,
+    };
+    cell.client = Usage {
+        cpu: c1.cpu - c0.cpu,
+        faults: c1.faults - c0.faults,
+    };
     let consumed = server.stop();
     assert!(
         consumed >= cell.samples.saturating_sub(batch_for(payload) as u64),
@@ -337,10 +360,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let (fault_head, fault_rule) = if args.faults {
+        (" server faults/sample | client faults/sample |", "---|---|")
+    } else {
+        ("", "")
+    };
     println!(
-        "| sample | clients | transport | samples/s | MB/s | vs tcp | server CPU µs/sample | client CPU µs/sample |"
+        "| sample | clients | transport | samples/s | MB/s | vs tcp | server CPU µs/sample | client CPU µs/sample |{fault_head}"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|{fault_rule}");
     for &payload in &args.sizes {
         assert!(
             payload >= 8 && payload % 4 == 0,
@@ -383,13 +411,22 @@ fn main() {
                     .map(|t| format!("{:.0} %", rate / t * 100.0))
                     .unwrap_or_default();
                 let n = cell.samples.max(1) as f64;
+                let faults = if args.faults {
+                    format!(
+                        " {:.1} | {:.1} |",
+                        cell.server.faults / n,
+                        cell.client.faults / n
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "| {} | {clients} | {target} | {} | {:.1} | {vs} | {:.2} | {:.2} |",
+                    "| {} | {clients} | {target} | {} | {:.1} | {vs} | {:.2} | {:.2} |{faults}",
                     fmt_size(payload),
                     fmt_rate(rate),
                     rate * payload as f64 / 1e6,
-                    cell.server_cpu / n * 1e6,
-                    cell.client_cpu / n * 1e6,
+                    cell.server.cpu / n * 1e6,
+                    cell.client.cpu / n * 1e6,
                 );
                 std::io::stdout().flush().ok();
             }
