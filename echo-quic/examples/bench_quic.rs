@@ -41,7 +41,8 @@ struct Args {
     /// Client counts.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     clients: Vec<usize>,
-    /// Measurements per cell; the best is reported (the machine is shared).
+    /// Measurements per cell; each column reports their median (the machine
+    /// is shared).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Unacknowledged payloads per client.
@@ -259,6 +260,17 @@ async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, sec
     }
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 fn fmt_rate(samples: f64) -> String {
     if samples >= 1e6 {
         format!("{:.2} M/s", samples / 1e6)
@@ -378,11 +390,12 @@ fn main() {
             let targets: Vec<(String, String, String)> =
                 args.targets.iter().map(|t| target_urls(t, &args)).collect();
             // Interleaved: every target once per round, so drifting load from
-            // other work on the machine hits them alike; the best round counts.
-            let mut best: Vec<Option<Cell>> = vec![None; targets.len()];
+            // other work on the machine hits them alike; each column is the
+            // median over the rounds.
+            let mut runs: Vec<Vec<Cell>> = vec![Vec::new(); targets.len()];
             for _ in 0..args.repeat.max(1) {
                 for (k, (target, server_url, client_extra)) in targets.iter().enumerate() {
-                    let cell = measure(
+                    runs[k].push(measure(
                         &rt,
                         server_url,
                         client_extra,
@@ -391,31 +404,27 @@ fn main() {
                         &args,
                         secs,
                         target,
-                    );
-                    let rate = |c: &Cell| c.samples as f64 / c.secs;
-                    if best[k].as_ref().is_none_or(|b| rate(&cell) > rate(b)) {
-                        best[k] = Some(cell);
-                    }
+                    ));
                 }
             }
+            let rate = |c: &Cell| c.samples as f64 / c.secs;
+            let per_sample = |c: &Cell, v: f64| v / c.samples.max(1) as f64;
             let tcp_rate = targets
                 .iter()
                 .position(|t| t.0 == "tcp")
-                .and_then(|k| best[k])
-                .map(|c| c.samples as f64 / c.secs);
-            for ((target, _, _), cell) in targets.iter().zip(&best) {
-                let cell = cell.expect("at least one run");
-                let rate = cell.samples as f64 / cell.secs;
+                .map(|k| median(runs[k].iter().map(rate)));
+            for ((target, _, _), cells) in targets.iter().zip(&runs) {
+                let rate = median(cells.iter().map(rate));
                 let vs = tcp_rate
                     .filter(|_| target != "tcp")
                     .map(|t| format!("{:.0} %", rate / t * 100.0))
                     .unwrap_or_default();
-                let n = cell.samples.max(1) as f64;
+                let col = |f: &dyn Fn(&Cell) -> f64| median(cells.iter().map(f));
                 let faults = if args.faults {
                     format!(
                         " {:.1} | {:.1} |",
-                        cell.server.faults / n,
-                        cell.client.faults / n
+                        col(&|c| per_sample(c, c.server.faults)),
+                        col(&|c| per_sample(c, c.client.faults)),
                     )
                 } else {
                     String::new()
@@ -425,8 +434,8 @@ fn main() {
                     fmt_size(payload),
                     fmt_rate(rate),
                     rate * payload as f64 / 1e6,
-                    cell.server.cpu / n * 1e6,
-                    cell.client.cpu / n * 1e6,
+                    col(&|c| per_sample(c, c.server.cpu) * 1e6),
+                    col(&|c| per_sample(c, c.client.cpu) * 1e6),
                 );
                 std::io::stdout().flush().ok();
             }
