@@ -30,7 +30,8 @@ pub struct Tuning {
     pub conn_window: u64,
     /// Bytes of application writes a sender keeps until they are acknowledged
     /// (`send_window`, default 16 MiB). A client also keeps up to this many
-    /// bytes of its 64 KiB write buffers for reuse once they are acknowledged.
+    /// bytes (at most 4 MiB) of its 64 KiB write buffers for reuse once they
+    /// are acknowledged.
     pub send_window: u64,
     /// Largest UDP payload path-MTU discovery probes for (`max_mtu`, default
     /// 6500; quinn's default is 1452). Probes that do not fit the path are

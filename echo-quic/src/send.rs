@@ -38,13 +38,13 @@ pub(crate) struct PiecePool {
 }
 
 impl PiecePool {
-    /// A pool keeping up to `send_window` bytes of free buffers: as much as
-    /// quinn may hold unacknowledged, so a burst of acknowledgements returns
-    /// buffers here instead of to the allocator.
+    /// A pool keeping up to `send_window` bytes of free buffers, at most
+    /// 4 MiB: enough that a burst of acknowledgements returns buffers here
+    /// instead of to the allocator, little enough to leave with an idle client.
     pub(crate) fn new(send_window: u64) -> Self {
         PiecePool {
             free: Mutex::new(Vec::new()),
-            keep: (send_window / PIECE as u64).clamp(1, 1 << 16) as usize,
+            keep: (send_window.min(4 << 20) / PIECE as u64).max(1) as usize,
         }
     }
 
