@@ -65,7 +65,7 @@ pub use metrics::{LatencyHistogram, LatencySummary, Metrics, TransportMetrics};
 pub use registry::Registry;
 pub use server::{ListenerInfo, Server, ServerBuilder};
 pub use spec::{DType, Leaf, Spec, SpecError, WireSpec};
-pub use store::{Batch, Element, LeafView};
+pub use store::{Batch, Element, LeafView, Reservation};
 pub use transport::{
     Client, ClientFactory, ClientOptions, ClientStats, Transport, TransportFactory,
 };

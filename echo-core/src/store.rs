@@ -76,6 +76,9 @@ struct Inner {
     consumed: AtomicU64,
     slots: Vec<BatchSlot>,
     aborted: AtomicBool,
+    /// The first batch that can never complete (a [`Reservation`] dropped without
+    /// commit); `u64::MAX` while there is none.
+    broken_at: AtomicU64,
     space: Event,
     ready: Event,
     inserted: AtomicU64,
@@ -161,6 +164,7 @@ impl Store {
                 consumed: AtomicU64::new(0),
                 slots,
                 aborted: AtomicBool::new(false),
+                broken_at: AtomicU64::new(u64::MAX),
                 space: Event::new(),
                 ready: Event::new(),
                 inserted: AtomicU64::new(0),
@@ -275,6 +279,60 @@ impl Store {
         Ok(payloads.len() - rest.len())
     }
 
+    /// Reserves up to `want` slots (fewer at a batch boundary) of the batch being
+    /// filled, only if its ring slot is free now: never waits. The caller fills
+    /// them in place (for example by reading a socket straight into them) and
+    /// [`commit`](Reservation::commit)s. `None` when the ring has no room now.
+    ///
+    /// The reservation holds up its batch until committed: fill it without
+    /// waiting on anything outside the caller's control.
+    pub fn try_reserve(&self, want: usize) -> Result<Option<Reservation<'_>>> {
+        if want == 0 {
+            return Ok(None);
+        }
+        Ok(self.inner.try_reserve(want)?.map(|(start, n)| Reservation {
+            inner: &self.inner,
+            start,
+            n,
+            committed: false,
+        }))
+    }
+
+    /// Waits until the batch being filled has its ring slot free, so that
+    /// [`try_reserve`](Self::try_reserve) can succeed (unless another writer
+    /// fills that batch first). `Err(Shutdown)` once the store is closed.
+    pub async fn room(&self) -> Result<()> {
+        let bs = self.inner.batch_size as u64;
+        let free = || -> Result<bool> {
+            let next = self.inner.next.load(Acquire);
+            if next & CLOSED != 0 {
+                return Err(Error::Shutdown);
+            }
+            self.inner.is_free(next / bs)
+        };
+        let mut blocked = false;
+        loop {
+            if free()? {
+                return Ok(());
+            }
+            let listener = self.inner.space.listen();
+            if free()? {
+                return Ok(());
+            }
+            if !blocked {
+                blocked = true;
+                self.inner.push_blocked.fetch_add(1, Relaxed);
+            }
+            listener.await;
+        }
+    }
+
+    /// True once a reservation was dropped without being committed: the store
+    /// then ends before the batch holding it.
+    pub fn is_broken(&self) -> bool {
+        self.inner.broken_at.load(Acquire) != u64::MAX
+    }
+
     fn check_len<'a>(&self, payloads: &'a [u8]) -> Result<&'a [u8]> {
         let ps = self.inner.spec.payload_size();
         if payloads.is_empty() || payloads.len() % ps != 0 {
@@ -339,9 +397,7 @@ impl Store {
     /// Refuses new writes. Writes already reserved still complete; the consumer then
     /// gets every full batch, the remainder as a partial batch, then `None`.
     pub fn close(&self) {
-        self.inner.next.fetch_or(CLOSED, AcqRel);
-        self.inner.ready.notify(usize::MAX);
-        self.inner.space.notify(usize::MAX);
+        self.inner.close();
     }
 
     /// Closes and makes writers still waiting for ring space give up with an error
@@ -413,7 +469,10 @@ impl Inner {
         if slot.free_for.load(Acquire) == batch {
             return Ok(true);
         }
-        if self.aborted.load(Acquire) {
+        // Batches from `broken_at` on are never consumed, so the ring slot a batch
+        // `num_buffers` later waits for is never handed back.
+        let broken = self.broken_at.load(Acquire);
+        if self.aborted.load(Acquire) || batch >= broken.saturating_add(self.num_buffers as u64) {
             return Err(Error::Shutdown);
         }
         Ok(false)
@@ -442,6 +501,12 @@ impl Inner {
                 }
             }
         }
+        self.commit(start, n);
+        &src[n * ps..]
+    }
+
+    /// Marks `n` slots from `start`, filled by their writer, as committed.
+    fn commit(&self, start: u64, n: usize) {
         self.inserted.fetch_add(n as u64, Relaxed);
         let batch = start / self.batch_size as u64;
         let slot = &self.slots[(batch % self.num_buffers as u64) as usize];
@@ -453,7 +518,21 @@ impl Inner {
             // A partial last batch may now be complete.
             self.ready.notify(usize::MAX);
         }
-        &src[n * ps..]
+    }
+
+    /// Gives up on the batch holding slot `start`: it can never be completed
+    /// (a reserved slot was not filled). The consumer gets every batch before it,
+    /// then `None`; writers are refused from now on.
+    fn break_at(&self, start: u64) {
+        self.broken_at
+            .fetch_min(start / self.batch_size as u64, AcqRel);
+        self.close();
+    }
+
+    fn close(&self) {
+        self.next.fetch_or(CLOSED, AcqRel);
+        self.ready.notify(usize::MAX);
+        self.space.notify(usize::MAX);
     }
 
     /// Whether the store is closed, read after this writer's commit. The fence
@@ -471,6 +550,9 @@ impl Inner {
         let bs = self.batch_size as u64;
         loop {
             let seq = self.consumed.load(Acquire);
+            if seq >= self.broken_at.load(Acquire) {
+                return Take::Done;
+            }
             let next = self.next.load(Acquire);
             let target = if next & CLOSED != 0 {
                 // Pairs with the fence in `fill`.
@@ -505,6 +587,126 @@ impl Inner {
         self.space.notify(usize::MAX);
         // A consumer waiting for the batch that reuses this slot may be able to go on.
         self.ready.notify(usize::MAX);
+    }
+}
+
+/// Slots reserved by [`Store::try_reserve`], to be filled in place and committed.
+///
+/// Their batch's ring slot is free, so they can be written at once. Dropping a
+/// reservation without [`commit`](Self::commit) leaves slots that nothing will
+/// ever fill: rather than hand out a batch with garbage in it, or wait for it
+/// forever, the store then ends (is closed, and the consumer gets every batch
+/// before that one, then `None`).
+pub struct Reservation<'a> {
+    inner: &'a Inner,
+    start: u64,
+    n: usize,
+    committed: bool,
+}
+
+impl std::fmt::Debug for Reservation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("start", &self.start)
+            .field("len", &self.n)
+            .finish()
+    }
+}
+
+impl<'a> Reservation<'a> {
+    /// Payloads reserved (at least 1).
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Never true: a reservation holds at least one slot.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The reserved memory as the payloads' bytes appear on the wire: for each
+    /// payload in turn, its part of each leaf in leaf order (with a single leaf,
+    /// one region for all payloads). Ready for a vectored read.
+    pub fn regions(&mut self) -> Regions<'_> {
+        let ring_slot =
+            (self.start % (self.inner.batch_size * self.inner.num_buffers) as u64) as usize;
+        Regions {
+            inner: self.inner,
+            ring_slot,
+            n: self.n,
+            next: 0,
+            _slots: std::marker::PhantomData,
+        }
+    }
+
+    /// Hands the filled slots to their batch.
+    pub fn commit(mut self) {
+        self.committed = true;
+        self.inner.commit(self.start, self.n);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            tracing::error!(
+                "store: {} reserved slot(s) from {} were never filled; \
+                 the store ends before their batch",
+                self.n,
+                self.start
+            );
+            self.inner.break_at(self.start);
+        }
+    }
+}
+
+/// The regions of a [`Reservation`], in wire order (see [`Reservation::regions`]).
+pub struct Regions<'r> {
+    inner: &'r Inner,
+    ring_slot: usize,
+    n: usize,
+    /// Next region: payload `next / leaves`, leaf `next % leaves`.
+    next: usize,
+    _slots: std::marker::PhantomData<&'r mut [u8]>,
+}
+
+impl std::fmt::Debug for Regions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Regions").field("next", &self.next).finish()
+    }
+}
+
+impl<'r> Iterator for Regions<'r> {
+    type Item = &'r mut [u8];
+
+    fn next(&mut self) -> Option<&'r mut [u8]> {
+        let leaves = self.inner.leaves.len();
+        // With one leaf, consecutive slots are one contiguous region.
+        let (k, i, count) = if leaves == 1 {
+            (0, 0, self.n)
+        } else {
+            (self.next / leaves, self.next % leaves, 1)
+        };
+        let total = if leaves == 1 { 1 } else { self.n * leaves };
+        if self.next >= total {
+            return None;
+        }
+        self.next += 1;
+        let lb = self.inner.spec.leaf_bytes(i);
+        // SAFETY: slots [ring_slot, ring_slot + n) lie inside one batch of the ring
+        // (reservations never cross a batch boundary), were reserved by the
+        // `Reservation` this iterator mutably borrows, and their batch is free (no
+        // guard reads it). Each (payload, leaf) region is yielded once, so the
+        // slices never overlap.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(
+                self.inner.leaves[i]
+                    .ptr
+                    .as_ptr()
+                    .add((self.ring_slot + k) * lb),
+                count * lb,
+            )
+        })
     }
 }
 

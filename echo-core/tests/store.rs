@@ -1,7 +1,9 @@
 //! The store's basic contract: batches contiguous per leaf with typed views, a
-//! full ring blocking writers, close handing out the partial remainder, refusals.
+//! full ring blocking writers, close handing out the partial remainder, refusals;
+//! reservations filled in place, and what an unfilled one does.
 
 use echo_core::store::Store;
+use echo_core::Reservation;
 use echo_core::{DType, Error, Leaf, Spec};
 
 fn spec() -> Spec {
@@ -123,4 +125,120 @@ fn wrong_sizes_are_refused() {
     assert!(Store::new(spec(), 0, 2).is_err());
     assert!(Store::new(spec(), 4, 1).is_err());
     assert!(Store::new(Spec::bytes(u32::MAX).unwrap(), usize::MAX / 2, 4).is_err());
+}
+
+/// Fills a reservation the way a vectored socket read would: the payloads'
+/// wire bytes, scattered over the regions in order.
+fn fill_wire(res: &mut Reservation<'_>, wire: &[u8]) {
+    let mut at = 0;
+    for region in res.regions() {
+        region.copy_from_slice(&wire[at..at + region.len()]);
+        at += region.len();
+    }
+    assert_eq!(
+        at,
+        wire.len(),
+        "regions cover exactly the reserved payloads"
+    );
+}
+
+#[test]
+fn reservations_are_filled_in_place_in_wire_order() {
+    let s = Store::new(spec(), 4, 2).unwrap();
+    let ps = spec().payload_size();
+    s.write_blocking(&payload(0)).unwrap();
+    // Stops at the batch boundary: 3 of the 5 asked for.
+    let mut res = s.try_reserve(5).unwrap().unwrap();
+    assert_eq!(res.len(), 3);
+    let lens: Vec<usize> = res.regions().map(|r| r.len()).collect();
+    assert_eq!(lens, [4, 8, 4, 8, 4, 8], "payload by payload, leaf by leaf");
+    let wire: Vec<u8> = (1..4).flat_map(payload).collect();
+    fill_wire(&mut res, &wire);
+    assert!(s.try_next_batch().is_none(), "not committed yet");
+    res.commit();
+    let b = s.try_next_batch().unwrap();
+    assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1, 2, 3]);
+    assert_eq!(
+        b.leaf(1).as_slice::<f32>().unwrap(),
+        &[0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]
+    );
+    drop(b);
+    assert_eq!(s.counters().inserted, 4);
+    // One leaf: the reserved slots are one region.
+    let one = Store::new(Spec::bytes(ps as u32).unwrap(), 4, 2).unwrap();
+    let mut res = one.try_reserve(3).unwrap().unwrap();
+    assert_eq!(res.regions().map(|r| r.len()).collect::<Vec<_>>(), [3 * ps]);
+    fill_wire(&mut res, &wire);
+    res.commit();
+    one.close();
+    assert_eq!(one.try_next_batch().unwrap().leaf(0).bytes(), &wire[..]);
+}
+
+#[test]
+fn try_reserve_never_waits_for_a_full_ring() {
+    let s = Store::new(spec(), 2, 2).unwrap();
+    let all: Vec<u8> = (0..4).flat_map(payload).collect();
+    s.write_blocking(&all).unwrap();
+    assert!(s.try_reserve(1).unwrap().is_none(), "the ring is full");
+    assert_eq!(s.size(), 4, "nothing was reserved");
+    drop(s.try_next_batch().unwrap());
+    let mut res = s.try_reserve(1).unwrap().unwrap();
+    fill_wire(&mut res, &payload(4));
+    res.commit();
+    s.close();
+    assert!(matches!(s.try_reserve(1), Err(Error::Shutdown)));
+}
+
+#[test]
+fn an_unfilled_reservation_ends_the_store_before_its_batch() {
+    let s = Store::new(spec(), 2, 3).unwrap();
+    s.write_blocking(&[payload(0), payload(1)].concat())
+        .unwrap();
+    let res = s.try_reserve(1).unwrap().unwrap();
+    // Another writer completes the batch around the hole.
+    s.write_blocking(&payload(3)).unwrap();
+    assert!(!s.is_broken());
+    drop(res);
+    assert!(s.is_broken() && s.is_closed());
+    // Everything before the hole's batch is still handed out; then nothing,
+    // rather than a batch with an unfilled slot or a wait for it.
+    let b = s.next_batch_blocking().unwrap();
+    assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1]);
+    drop(b);
+    assert!(s.next_batch_blocking().is_none());
+    assert!(matches!(
+        s.write_blocking(&payload(5)),
+        Err(Error::Shutdown)
+    ));
+}
+
+#[test]
+fn writers_waiting_behind_a_broken_batch_give_up() {
+    // One sample per batch, two ring slots. Batch 0 is held by the consumer,
+    // batch 1 is the hole; writer A waits for batch 2 (slot of batch 0),
+    // writer B for batch 3 (slot of batch 1, which is never consumed).
+    let s = Store::new(spec(), 1, 2).unwrap();
+    s.write_blocking(&payload(0)).unwrap();
+    let held = s.try_next_batch().unwrap();
+    let res = s.try_reserve(1).unwrap().unwrap();
+    let writer = |p: Vec<u8>| {
+        let s = s.clone();
+        std::thread::spawn(move || s.write_blocking(&p))
+    };
+    let a = writer(payload(2));
+    while s.size() < 2 {
+        std::thread::yield_now();
+    }
+    let b = writer(payload(3));
+    while s.size() < 3 {
+        std::thread::yield_now();
+    }
+    drop(res);
+    assert!(matches!(b.join().unwrap(), Err(Error::Shutdown)));
+    assert!(!a.is_finished(), "batch 0's slot is still held");
+    drop(held);
+    // A's slot came free, so its write completes; nothing after the hole is
+    // handed out.
+    a.join().unwrap().unwrap();
+    assert!(s.next_batch_blocking().is_none());
 }
