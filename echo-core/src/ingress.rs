@@ -19,7 +19,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::TransportCounters;
 use crate::spec::Spec;
-use crate::store::Store;
+use crate::store::{Reservation, Store};
 use crate::wire::{Chunk, HandshakeLimits, PayloadSplitter};
 use crate::{Error, Result};
 
@@ -492,6 +492,76 @@ impl Connection {
         c.samples.fetch_add(n as u64, Relaxed);
         c.bytes.fetch_add(bytes, Relaxed);
         Ok(n)
+    }
+
+    /// Receives payloads straight into the store, skipping the receive buffer and
+    /// its copy: reserves up to `max` slots of the batch being filled, if its ring
+    /// slot is free now and nothing of this connection is queued (which must go
+    /// first), and has `fill` write the payloads into them (see
+    /// [`Reservation::regions`]). Returns how many payloads were committed (they
+    /// are acknowledged: they are in the store), or `None` when nothing was
+    /// reserved and the caller should [`push`](Self::push) instead.
+    ///
+    /// `fill` must complete without waiting: the reservation holds up its batch
+    /// for every connection. Call it only with bytes already at hand (for a
+    /// socket: already in its receive queue). If `fill` fails anyway, the slots
+    /// cannot be filled by anyone else, so the store ends before their batch (see
+    /// [`Reservation`]) and the error is returned, and reported by the server's
+    /// shutdown.
+    pub fn try_recv_direct<F>(&mut self, max: usize, fill: F) -> Result<Option<usize>>
+    where
+        F: FnOnce(&mut Reservation<'_>) -> std::io::Result<()>,
+    {
+        if self.ingress.closing.load(Acquire) {
+            return Err(Error::Shutdown);
+        }
+        if max == 0 || lock(&self.queue.state).scheduled {
+            return Ok(None);
+        }
+        #[cfg(feature = "latency-metrics")]
+        let t = std::time::Instant::now();
+        let Some(mut res) = self.ingress.store.try_reserve(max)? else {
+            return Ok(None);
+        };
+        let n = res.len();
+        if let Err(e) = fill(&mut res) {
+            let msg = format!(
+                "{}: receiving {n} payload(s) straight into reserved store slots failed: {e}; \
+                 the store ends before their batch",
+                self.peer
+            );
+            drop(res);
+            let mut err = lock(&self.ingress.drain_error);
+            if err.is_none() {
+                tracing::error!("ingress: {msg}");
+                *err = Some(msg.clone());
+            }
+            return Err(Error::Other(msg));
+        }
+        res.commit();
+        #[cfg(feature = "latency-metrics")]
+        lock(&self.ingress.latency).record(t.elapsed());
+        let c = &self.queue.counters;
+        c.samples.fetch_add(n as u64, Relaxed);
+        c.bytes
+            .fetch_add((n * self.ingress.spec.payload_size()) as u64, Relaxed);
+        Ok(Some(n))
+    }
+
+    /// True while payloads of this connection wait in its queue (they reach the
+    /// store before anything pushed or received later).
+    pub fn has_queued(&self) -> bool {
+        lock(&self.queue.state).scheduled
+    }
+
+    /// Waits until the store's ring has room for [`try_recv_direct`](Self::try_recv_direct)
+    /// (see [`Store::room`]); `Err(Shutdown)` once the server shuts down.
+    pub async fn store_room(&mut self) -> Result<()> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|s| *s) => Err(Error::Shutdown),
+            r = self.ingress.store.room() => r,
+        }
     }
 
     /// Resolves when the server starts shutting down.

@@ -15,7 +15,7 @@ use url::Url;
 use crate::ingress::Ingress;
 use crate::registry::Registry;
 use crate::spec::Spec;
-use crate::stream::{spawn_acceptor, Accept, AcceptorHandle, StreamClient};
+use crate::stream::{spawn_acceptor, Accept, AcceptorHandle, DirectRecv, StreamClient};
 use crate::transport::{Client, ClientFactory, ClientOptions, Transport, TransportFactory};
 use crate::{Error, Result};
 
@@ -55,6 +55,9 @@ pub struct MemTransportFactory;
 /// Connects `mem://NAME` clients.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemClientFactory;
+
+/// In-process pipes have no kernel receive queue to receive from directly.
+impl DirectRecv for ReadHalf<DuplexStream> {}
 
 struct MemAccept {
     rx: mpsc::Receiver<DuplexStream>,

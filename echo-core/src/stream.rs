@@ -2,7 +2,8 @@
 //! and the client side ([`StreamClient`]). TCP, Unix sockets, QUIC streams and the
 //! in-memory transport all run on these, so there is one framing in the project.
 
-use std::io;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,7 @@ use tokio::time::timeout;
 use crate::ingress::{Connection, Ingress, ShutdownSignal};
 use crate::metrics::LatencyHistogram;
 use crate::spec::Spec;
+use crate::store::Reservation;
 use crate::transport::{Client, ClientOptions, ClientStats};
 use crate::window::InflightWindow;
 use crate::wire::{self, Decoded, HandshakeDecoder, WireError, ACKS, CLIENT_HELLO};
@@ -64,6 +66,137 @@ async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
     }
 }
 
+/// Payloads of at least this many bytes are received straight into the store's
+/// slots by [`spawn_acceptor`]'s connections when their stream supports it
+/// ([`DirectRecv`]); smaller ones are read many per call into a receive buffer.
+pub const DIRECT_RECV_MIN: usize = 64 * 1024;
+
+/// What a stream's read half offers for receiving large payloads straight into
+/// the store (sockets: `SO_RCVLOWAT`, `FIONREAD`, `readv`). Every method has a
+/// default meaning "not supported", so a stream without it just implements the
+/// trait with no body.
+///
+/// With it, a connection waits until a whole payload is in the kernel's receive
+/// queue, only then reserves store slots and reads the payload into them, so a
+/// peer that stalls mid-payload never holds a batch open.
+pub trait DirectRecv {
+    /// Asks to be woken only once `bytes` are queued (the low-water mark) and
+    /// returns the mark now in effect (the system may cap it), or `None` if the
+    /// stream has no such mark (then nothing is received directly).
+    fn set_low_water(&self, _bytes: usize) -> io::Result<Option<usize>> {
+        Ok(None)
+    }
+
+    /// Bytes queued and readable at once. With `forget`, when fewer than `min`
+    /// are queued, this is `WouldBlock` and forgets the readiness the stream had
+    /// cached, so that [`readable`](Self::readable) next waits for a new event.
+    fn queued(&self, _min: usize, _forget: bool) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Reads into `bufs` without waiting (a vectored read).
+    fn recv_now(&self, _bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Waits until the stream is readable; `true` if the peer closed it or it failed.
+    fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
+        async { Ok(true) }
+    }
+}
+
+/// How long part of a payload may sit in the receive queue, while a connection
+/// waits for the rest to receive it directly, before it is read into the
+/// connection's buffer instead. This only matters for slow peers and for
+/// receive windows too small for the rest of the payload to arrive (normally
+/// prevented by sizing the receive buffer for two payloads).
+pub const DIRECT_RECV_STALL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Turns on direct receives for payloads of `ps` bytes if `reader` supports a
+/// low-water mark that covers two payloads (asking for that mark makes Linux
+/// grow the receive buffer to fit, so a payload can always arrive whole behind a
+/// part of the next one); then sets the mark to one payload.
+fn setup_direct<R: DirectRecv>(reader: &R, ps: usize, peer: &str) -> bool {
+    let r = (|| {
+        let two = ps.saturating_mul(2);
+        match reader.set_low_water(two)? {
+            None => Ok(false),
+            Some(m) if m >= two => Ok(reader.set_low_water(ps)? == Some(ps)),
+            Some(m) => {
+                tracing::debug!(
+                    "{peer}: the receive buffer cannot hold two payloads of {ps} bytes \
+                     (low-water mark capped at {m}); buffered reads"
+                );
+                reader.set_low_water(1)?;
+                Ok(false)
+            }
+        }
+    })();
+    r.unwrap_or_else(|e: io::Error| {
+        tracing::debug!("{peer}: no direct receives: {e}");
+        false
+    })
+}
+
+/// A read half without [`DirectRecv`] support (for [`serve_stream`]).
+struct Plain<R>(R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for Plain<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<R> DirectRecv for Plain<R> {}
+
+/// Reads the payloads of `res` from `reader`, whose receive queue already holds
+/// them: vectored reads straight into the reserved slots.
+fn recv_reserved<R: DirectRecv>(reader: &R, res: &mut Reservation<'_>) -> io::Result<()> {
+    const IOVS: usize = 64;
+    let mut regions = res.regions();
+    let mut bufs: [IoSliceMut<'_>; IOVS] = std::array::from_fn(|_| IoSliceMut::new(&mut []));
+    loop {
+        let mut count = 0;
+        for r in regions.by_ref() {
+            bufs[count] = IoSliceMut::new(r);
+            count += 1;
+            if count == IOVS {
+                break;
+            }
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let mut pending = &mut bufs[..count];
+        while !pending.is_empty() {
+            match reader.recv_now(pending) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the stream ended although its receive queue held the payload",
+                    ))
+                }
+                Ok(n) => IoSliceMut::advance_slices(&mut pending, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+async fn write_acks<W: AsyncWrite + Unpin>(writer: &mut W, mut n: usize) -> io::Result<()> {
+    while n > 0 {
+        let k = n.min(ACKS.len());
+        writer.write_all(&ACKS[..k]).await?;
+        n -= k;
+    }
+    writer.flush().await
+}
+
 /// Serves wire v1 on one stream: optional client hello, the handshake, then
 /// payloads in, acks out, until EOF or `stop`/server shutdown.
 ///
@@ -71,6 +204,24 @@ async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
 /// read too (until the receive buffer is full), every whole payload is queued in
 /// one push, and their acks go out in one write.
 pub async fn serve_stream<R, W>(
+    reader: R,
+    writer: W,
+    conn: Connection,
+    expect_hello: bool,
+    stop: ShutdownSignal,
+) -> Result<StreamEnd>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    serve_stream_direct(Plain(reader), writer, conn, expect_hello, stop).await
+}
+
+/// [`serve_stream`] for a stream that may support [`DirectRecv`]: payloads of at
+/// least [`DIRECT_RECV_MIN`] bytes are then received straight into the store
+/// whenever a whole one is already queued and the ring has room, and are
+/// acknowledged once committed there; otherwise they take the buffered path.
+pub async fn serve_stream_direct<R, W>(
     mut reader: R,
     mut writer: W,
     mut conn: Connection,
@@ -78,7 +229,7 @@ pub async fn serve_stream<R, W>(
     mut stop: ShutdownSignal,
 ) -> Result<StreamEnd>
 where
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + DirectRecv + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
     let mut server_stop = conn.shutdown_signal();
@@ -130,7 +281,96 @@ where
     // push sees a server shutdown at once).
     let stopped = either(&mut server_stop, &mut stop);
     tokio::pin!(stopped);
+    let ps = conn.spec().payload_size();
+    let mut low_water = 1;
+    let direct = ps >= DIRECT_RECV_MIN && setup_direct(&reader, ps, conn.peer());
+    if direct {
+        low_water = ps;
+    }
     loop {
+        if direct && sp.ready() == 0 && sp.partial_len() == 0 {
+            if low_water != ps {
+                reader.set_low_water(ps)?;
+                low_water = ps;
+            }
+            // Wait, without reading, until a whole payload is queued. Readiness
+            // seen first may be stale (this loop reads past the runtime's back);
+            // readiness after a wake-up with less than a payload queued means the
+            // kernel wants the bytes read (end of stream, an error, memory
+            // pressure, a closing window): the buffered path below reads them.
+            // So does part of a payload that stays queued for DIRECT_RECV_STALL
+            // (a slow peer, or a window too small for the rest to come).
+            let mut woke = false;
+            let whole = loop {
+                match reader.queued(ps, !woke) {
+                    Ok(q) if q >= ps => break q / ps,
+                    Ok(_) => break 0,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !woke => {
+                        let partial = reader.queued(0, false)? > 0;
+                        let readable = reader.readable();
+                        let wait = async move {
+                            if partial {
+                                timeout(DIRECT_RECV_STALL, readable).await.ok()
+                            } else {
+                                Some(readable.await)
+                            }
+                        };
+                        let closed = tokio::select! {
+                            biased;
+                            r = wait => match r {
+                                Some(r) => r?,
+                                None => true,
+                            },
+                            _ = &mut stopped => return Ok(StreamEnd::Shutdown),
+                        };
+                        if closed {
+                            break 0;
+                        }
+                        woke = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if whole > 0 {
+                match conn.try_recv_direct(whole, |res| recv_reserved(&reader, res)) {
+                    Ok(Some(n)) => {
+                        tokio::select! {
+                            biased;
+                            r = write_acks(&mut writer, n) => r?,
+                            _ = &mut stopped => return Ok(StreamEnd::Shutdown),
+                        }
+                        continue;
+                    }
+                    // Payloads of this connection wait in its queue: they go first.
+                    Ok(None) if conn.has_queued() => {}
+                    Ok(None) => {
+                        // The ring is full: wait for room with the payload left in
+                        // the kernel's queue (which holds back the peer).
+                        tokio::select! {
+                            biased;
+                            r = conn.store_room() => match r {
+                                Ok(()) => {}
+                                Err(Error::Shutdown) => return Ok(StreamEnd::Shutdown),
+                                Err(e) => return Err(e),
+                            },
+                            _ = &mut stopped => return Ok(StreamEnd::Shutdown),
+                        }
+                        continue;
+                    }
+                    Err(Error::Shutdown) => return Ok(StreamEnd::Shutdown),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if direct {
+            // Wake up once the payload in the buffer can be completed.
+            let want = ps - sp.partial_len();
+            if low_water != want {
+                reader.set_low_water(want)?;
+                low_water = want;
+            }
+        }
         let asked = sp.spare().len();
         let n = tokio::select! {
             biased;
@@ -155,22 +395,14 @@ where
         }
         if sp.ready() > 0 {
             let chunk = sp.take(conn.buffer());
-            let mut left = match conn.push(chunk).await {
+            let acks = match conn.push(chunk).await {
                 Ok(n) => n,
                 Err(Error::Shutdown) => return Ok(StreamEnd::Shutdown),
                 Err(e) => return Err(e),
             };
-            let ack = async {
-                while left > 0 {
-                    let k = left.min(ACKS.len());
-                    writer.write_all(&ACKS[..k]).await?;
-                    left -= k;
-                }
-                writer.flush().await
-            };
             tokio::select! {
                 biased;
-                r = ack => r?,
+                r = write_acks(&mut writer, acks) => r?,
                 _ = &mut stopped => return Ok(StreamEnd::Shutdown),
             }
         }
@@ -190,7 +422,7 @@ where
 #[async_trait]
 pub trait Accept: Send + 'static {
     /// The read half.
-    type Reader: AsyncRead + Unpin + Send + 'static;
+    type Reader: AsyncRead + DirectRecv + Unpin + Send + 'static;
     /// The write half.
     type Writer: AsyncWrite + Unpin + Send + 'static;
     /// Accepts the next peer: its halves and a name for logs.
@@ -237,7 +469,7 @@ pub fn spawn_acceptor<A: Accept>(
                         Ok(conn) => {
                             let stop = conn_stop.clone();
                             tasks.spawn(async move {
-                                match serve_stream(r, w, conn, expect_hello, stop).await {
+                                match serve_stream_direct(r, w, conn, expect_hello, stop).await {
                                     Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
                                         "{scheme} {peer}: closed mid-payload, {discarded} bytes discarded"
                                     ),
@@ -682,5 +914,320 @@ impl Drop for StreamClient {
         if let Output::Buffered { task: Some(t), .. } = &mut self.output {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Poll, Waker};
+
+    use tokio::io::DuplexStream;
+
+    use super::*;
+    use crate::testkit::{kit_sample, kit_spec, kit_verify};
+    use crate::Server;
+
+    /// What a mock socket's receive queue holds, and what was done with it.
+    #[derive(Default)]
+    struct Queue {
+        bytes: Vec<u8>,
+        pos: usize,
+        closed: bool,
+        fail_recv: bool,
+        low_water: usize,
+        /// Largest low-water mark the "kernel" accepts.
+        cap: Option<usize>,
+        direct_bytes: usize,
+        buffered_bytes: usize,
+        waker: Option<Waker>,
+    }
+
+    impl Queue {
+        fn queued(&self) -> usize {
+            self.bytes.len() - self.pos
+        }
+    }
+
+    /// A read half with a receive queue the test fills, supporting direct receives.
+    #[derive(Clone, Default)]
+    struct Mock(Arc<Mutex<Queue>>);
+
+    impl Mock {
+        fn q(&self) -> std::sync::MutexGuard<'_, Queue> {
+            self.0.lock().unwrap()
+        }
+
+        fn push(&self, bytes: &[u8]) {
+            let mut q = self.q();
+            q.bytes.extend_from_slice(bytes);
+            if let Some(w) = q.waker.take() {
+                w.wake();
+            }
+        }
+
+        fn close(&self) {
+            let mut q = self.q();
+            q.closed = true;
+            if let Some(w) = q.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    impl AsyncRead for Mock {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let mut q = self.q();
+            let n = q.queued().min(buf.remaining());
+            if n > 0 {
+                let at = q.pos;
+                buf.put_slice(&q.bytes[at..at + n]);
+                q.pos += n;
+                q.buffered_bytes += n;
+                return Poll::Ready(Ok(()));
+            }
+            if q.closed {
+                return Poll::Ready(Ok(()));
+            }
+            q.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl DirectRecv for Mock {
+        fn set_low_water(&self, bytes: usize) -> io::Result<Option<usize>> {
+            let mut q = self.q();
+            q.low_water = bytes.min(q.cap.unwrap_or(usize::MAX));
+            Ok(Some(q.low_water))
+        }
+
+        fn queued(&self, min: usize, forget: bool) -> io::Result<usize> {
+            let n = self.q().queued();
+            if forget && n < min {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        }
+
+        fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+            let mut q = self.q();
+            if q.fail_recv {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let mut total = 0;
+            for b in bufs.iter_mut() {
+                let n = q.queued().min(b.len());
+                let at = q.pos;
+                b[..n].copy_from_slice(&q.bytes[at..at + n]);
+                q.pos += n;
+                total += n;
+            }
+            q.direct_bytes += total;
+            Ok(total)
+        }
+
+        fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
+            let m = self.clone();
+            std::future::poll_fn(move |cx| {
+                let mut q = m.q();
+                if q.closed {
+                    Poll::Ready(Ok(true))
+                } else if q.queued() >= q.low_water.max(1) {
+                    Poll::Ready(Ok(false))
+                } else {
+                    q.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+        }
+    }
+
+    struct Served {
+        server: Server,
+        mock: Mock,
+        peer: DuplexStream,
+        task: JoinHandle<Result<StreamEnd>>,
+        spec: Spec,
+    }
+
+    /// Serves a mock stream for payloads of 64 KiB (three leaves) in batches of
+    /// `batch`, and reads the handshake off the peer's end.
+    async fn serve(batch: usize, mock: Mock) -> Served {
+        let spec = kit_spec(DIRECT_RECV_MIN);
+        let server = Server::builder(spec.clone())
+            .batch_size(batch)
+            .build()
+            .unwrap();
+        let conn = server.ingress().open("mock", "mock-peer").unwrap();
+        let (w, mut peer) = tokio::io::duplex(1 << 16);
+        let stop = Stopper::default();
+        let signal = stop.signal();
+        let reader = mock.clone();
+        let task = tokio::spawn(async move {
+            let _stop = stop;
+            serve_stream_direct(reader, w, conn, false, signal).await
+        });
+        let hs = wire::handshake_bytes(&spec.wire());
+        let mut got = vec![0u8; hs.len()];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, hs);
+        Served {
+            server,
+            mock,
+            peer,
+            task,
+            spec,
+        }
+    }
+
+    fn sample(spec: &Spec, seq: u32) -> Vec<u8> {
+        let mut p = Vec::new();
+        kit_sample(spec, 7, seq, &mut p);
+        p
+    }
+
+    async fn read_acks(peer: &mut DuplexStream, n: usize) {
+        let mut acks = vec![0u8; n];
+        peer.read_exact(&mut acks).await.unwrap();
+        assert!(acks.iter().all(|&b| b == wire::ACK), "{acks:?}");
+    }
+
+    /// The `(client, seq)` of every sample of the next batch.
+    async fn next_ids(server: &Server) -> Option<Vec<(u32, u32)>> {
+        let spec = server.spec().clone();
+        let b = server.next_batch().await?;
+        let (mut p, mut s) = (Vec::new(), Vec::new());
+        Some(
+            (0..b.len())
+                .map(|k| {
+                    b.copy_sample(k, &mut p);
+                    kit_verify(&spec, &p, &mut s).unwrap()
+                })
+                .collect(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_whole_payloads_are_received_in_place_and_acked_once_stored() {
+        let mock = Mock::default();
+        let spec = kit_spec(DIRECT_RECV_MIN);
+        let three: Vec<u8> = (0..3).flat_map(|i| sample(&spec, i)).collect();
+        mock.push(&three);
+        let mut s = serve(4, mock).await;
+        read_acks(&mut s.peer, 3).await;
+        assert_eq!(s.mock.q().low_water, s.spec.payload_size());
+        s.mock.push(&sample(&s.spec, 3));
+        read_acks(&mut s.peer, 1).await;
+        assert_eq!(
+            next_ids(&s.server).await.unwrap(),
+            [(7, 0), (7, 1), (7, 2), (7, 3)]
+        );
+        let counts = {
+            let q = s.mock.q();
+            (q.direct_bytes, q.buffered_bytes)
+        };
+        assert_eq!(
+            counts,
+            (4 * s.spec.payload_size(), 0),
+            "every payload went straight into the store"
+        );
+        s.mock.close();
+        assert_eq!(s.task.await.unwrap().unwrap(), StreamEnd::Eof);
+        let mut rest = Vec::new();
+        s.peer.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "one ack per payload, nothing else: {rest:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payload_arriving_in_pieces_reserves_nothing_until_it_is_whole() {
+        let mut s = serve(1, Mock::default()).await;
+        let p = sample(&s.spec, 0);
+        let third = p.len() / 3;
+        s.mock.push(&p[..third]);
+        // Give the server every chance to (wrongly) reserve a slot meanwhile.
+        tokio::time::sleep(DIRECT_RECV_STALL * 3).await;
+        assert_eq!(
+            s.server.metrics().store_size,
+            0,
+            "no slot held for a partial payload"
+        );
+        s.mock.push(&p[third..2 * third]);
+        tokio::time::sleep(DIRECT_RECV_STALL * 3).await;
+        assert_eq!(s.server.metrics().store_size, 0);
+        s.mock.push(&p[2 * third..]);
+        read_acks(&mut s.peer, 1).await;
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0)]);
+        // The next payload arrives whole: straight into the store.
+        let before = s.mock.q().direct_bytes;
+        s.mock.push(&sample(&s.spec, 1));
+        read_acks(&mut s.peer, 1).await;
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 1)]);
+        assert_eq!(s.mock.q().direct_bytes - before, p.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn end_of_stream_mid_payload_stores_nothing_partial() {
+        let mut s = serve(1, Mock::default()).await;
+        let p0 = sample(&s.spec, 0);
+        let p1 = sample(&s.spec, 1);
+        let half = p1.len() / 2;
+        s.mock.push(&[&p0[..], &p1[..half]].concat());
+        s.mock.close();
+        assert_eq!(
+            s.task.await.unwrap().unwrap(),
+            StreamEnd::EofMidPayload { discarded: half }
+        );
+        read_acks(&mut s.peer, 1).await;
+        s.server.shutdown().await.unwrap();
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0)]);
+        assert_eq!(next_ids(&s.server).await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_direct_read_ends_the_store_instead_of_leaving_a_hole() {
+        let mut s = serve(1, Mock::default()).await;
+        s.mock.push(&sample(&s.spec, 0));
+        read_acks(&mut s.peer, 1).await;
+        // The "kernel" reported the next payload queued, then failed to hand it over.
+        s.mock.q().fail_recv = true;
+        s.mock.push(&sample(&s.spec, 1));
+        let e = s.task.await.unwrap().unwrap_err();
+        assert!(
+            e.to_string().contains("store ends before their batch"),
+            "{e}"
+        );
+        // The acknowledged payload is still delivered; the broken batch is not,
+        // and nothing after it.
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0)]);
+        assert_eq!(next_ids(&s.server).await, None);
+        let e = s.server.shutdown().await.unwrap_err();
+        assert!(
+            e.to_string().contains("mock-peer: receiving 1 payload(s)"),
+            "{e}"
+        );
+        let mut rest = Vec::new();
+        s.peer.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the failed payload was not acknowledged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receive_buffer_too_small_for_two_payloads_means_buffered_reads() {
+        let mock = Mock::default();
+        let spec = kit_spec(DIRECT_RECV_MIN);
+        mock.q().cap = Some(spec.payload_size() * 2 - 1);
+        let mut s = serve(2, mock).await;
+        assert_eq!(s.mock.q().low_water, 1, "mark reset for buffered reads");
+        let two: Vec<u8> = (0..2).flat_map(|i| sample(&spec, i)).collect();
+        s.mock.push(&two);
+        read_acks(&mut s.peer, 2).await;
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0), (7, 1)]);
+        let q = s.mock.q();
+        assert_eq!((q.direct_bytes, q.buffered_bytes), (0, two.len()));
     }
 }
