@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, RawFd};
+
 use async_trait::async_trait;
 use echo_core::metrics::TransportCounters;
-use echo_core::stream::Accept;
-use tokio::io::{AsyncRead, ReadBuf};
+use echo_core::stream::{Accept, DirectRecv};
+use tokio::io::{AsyncRead, Interest, ReadBuf};
 use tokio::net::{tcp, unix, TcpListener, UnixListener};
 
 /// Connection slots of one listener.
@@ -79,6 +82,101 @@ impl<R: AsyncRead + Unpin> AsyncRead for SlotReader<R> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
+
+/// Bytes in a socket's receive queue (`FIONREAD`, i.e. `SIOCINQ`).
+fn queued_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid; `fd`
+    // is the open socket of the read half borrowed by the caller.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// TCP receives large payloads straight into the store: `SO_RCVLOWAT` keeps the
+/// socket unreadable until a whole payload is queued (Linux also grows the
+/// receive buffer so that it fits), `FIONREAD` confirms it, `readv` moves it.
+/// Bytes in the receive queue stay readable until read, even after the peer
+/// resets the connection (then the read after them fails), so a payload seen
+/// whole in the queue can always be read whole.
+///
+/// Unix sockets do not: their readiness ignores the low-water mark, and the
+/// peer's send buffer, not ours, bounds what can be queued, which may be less
+/// than a payload.
+impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
+    fn set_low_water(&self, bytes: usize) -> io::Result<Option<usize>> {
+        let fd = self.inner.as_ref().as_raw_fd();
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_RCVLOWAT takes a c_int; the pointer and length describe `want`.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&want as *const libc::c_int).cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut got: libc::c_int = 0;
+        let mut got_len = len;
+        // SAFETY: as above, for reading the value back (the kernel caps it).
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut got_len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some(got.max(0) as usize))
+    }
+
+    fn queued(&self, min: usize, forget: bool) -> io::Result<usize> {
+        let stream = self.inner.as_ref();
+        let fd = stream.as_raw_fd();
+        if !forget {
+            return queued_bytes(fd);
+        }
+        // Inside `try_io`, a `WouldBlock` clears the runtime's cached readiness,
+        // but only if no new event arrived since this call began.
+        stream.try_io(Interest::READABLE, || {
+            let q = queued_bytes(fd)?;
+            if q < min {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(q)
+        })
+    }
+
+    fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        let fd = self.inner.as_ref().as_raw_fd();
+        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix, and every one
+        // points at writable memory borrowed for this call; `fd` is our socket.
+        // The socket is non-blocking (Tokio's), so this never waits.
+        let n = unsafe { libc::readv(fd, bufs.as_mut_ptr().cast::<libc::iovec>(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    async fn readable(&self) -> io::Result<bool> {
+        let ready = self.inner.ready(Interest::READABLE).await?;
+        Ok(ready.is_read_closed() || ready.is_error())
+    }
+}
+
+impl DirectRecv for SlotReader<unix::OwnedReadHalf> {}
 
 pub(crate) struct TcpAccept {
     pub(crate) listener: TcpListener,
