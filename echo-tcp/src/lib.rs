@@ -6,6 +6,16 @@
 //! is queued. This crate only supplies the sockets; the protocol itself is
 //! [`echo_core::stream`]'s driver, shared with every other byte-stream transport.
 //!
+//! Over TCP, payloads of at least [`echo_core::stream::DIRECT_RECV_MIN`] bytes
+//! are read straight from the socket into the store's slots, without the copy
+//! through a receive buffer: the server sets `SO_RCVLOWAT` to the payload size
+//! (Linux then grows the receive buffer to fit two payloads), and only once a
+//! whole payload is in the receive queue (`FIONREAD`) reserves its slots, reads
+//! it with one `readv` and acknowledges it. A peer that stalls mid-payload holds
+//! no slot; its bytes wait in the kernel, and after
+//! [`echo_core::stream::DIRECT_RECV_STALL`] in the connection's buffer. Unix
+//! sockets always use the buffered path.
+//!
 //! # URLs
 //!
 //! | URL | listens on / connects to |
