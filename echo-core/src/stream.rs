@@ -1222,12 +1222,12 @@ mod tests {
         let spec = kit_spec(DIRECT_RECV_MIN);
         mock.q().cap = Some(spec.payload_size() * 2 - 1);
         let mut s = serve(2, mock).await;
-        assert_eq!(s.mock.q().low_water, 1, "mark reset for buffered reads");
         let two: Vec<u8> = (0..2).flat_map(|i| sample(&spec, i)).collect();
         s.mock.push(&two);
         read_acks(&mut s.peer, 2).await;
         assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0), (7, 1)]);
         let q = s.mock.q();
         assert_eq!((q.direct_bytes, q.buffered_bytes), (0, two.len()));
+        assert_eq!(q.low_water, 1, "mark reset for buffered reads");
     }
 }
