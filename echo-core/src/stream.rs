@@ -197,6 +197,28 @@ async fn write_acks<W: AsyncWrite + Unpin>(writer: &mut W, mut n: usize) -> io::
     writer.flush().await
 }
 
+/// The ack side of a served stream. Once an ack write fails (the peer reset the
+/// connection, or closed its read side), acks are no longer written but the
+/// stream is still read to its end: every whole payload that reached us before
+/// the failure is delivered, the same whether the server had read it before
+/// the failure or not. The failure is reported when the stream ends.
+struct Acks<W> {
+    writer: W,
+    failed: Option<io::Error>,
+}
+
+impl<W: AsyncWrite + Unpin> Acks<W> {
+    async fn send(&mut self, n: usize, peer: &str) {
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(e) = write_acks(&mut self.writer, n).await {
+            tracing::debug!("{peer}: acks cannot be written ({e}); reading what is left");
+            self.failed = Some(e);
+        }
+    }
+}
+
 /// Serves wire v1 on one stream: optional client hello, the handshake, then
 /// payloads in, acks out, until EOF or `stop`/server shutdown.
 ///
@@ -274,6 +296,10 @@ where
     }
 
     let mut sp = conn.splitter();
+    let mut acks = Acks {
+        writer,
+        failed: None,
+    };
     // One stop future for the connection's lifetime: registering a waiter on the
     // shared shutdown channel per read (and dropping it) costs two contended locks.
     // Reads and ack writes are polled first; the stop future only when they wait
@@ -337,7 +363,7 @@ where
                     Ok(Some(n)) => {
                         tokio::select! {
                             biased;
-                            r = write_acks(&mut writer, n) => r?,
+                            () = acks.send(n, conn.peer()) => {}
                             _ = &mut stopped => return Ok(StreamEnd::Shutdown),
                         }
                         continue;
@@ -395,20 +421,23 @@ where
         }
         if sp.ready() > 0 {
             let chunk = sp.take(conn.buffer());
-            let acks = match conn.push(chunk).await {
+            let n_acks = match conn.push(chunk).await {
                 Ok(n) => n,
                 Err(Error::Shutdown) => return Ok(StreamEnd::Shutdown),
                 Err(e) => return Err(e),
             };
             tokio::select! {
                 biased;
-                r = write_acks(&mut writer, acks) => r?,
+                () = acks.send(n_acks, conn.peer()) => {}
                 _ = &mut stopped => return Ok(StreamEnd::Shutdown),
             }
         }
         if eof {
             let partial = sp.partial_len();
-            let _ = timeout(std::time::Duration::from_secs(1), writer.shutdown()).await;
+            if let Some(e) = acks.failed {
+                return Err(e.into());
+            }
+            let _ = timeout(std::time::Duration::from_secs(1), acks.writer.shutdown()).await;
             return Ok(if partial > 0 {
                 StreamEnd::EofMidPayload { discarded: partial }
             } else {
@@ -1214,6 +1243,44 @@ mod tests {
         let mut rest = Vec::new();
         s.peer.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty(), "the failed payload was not acknowledged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_payloads_still_queued_when_acks_fail_are_delivered() {
+        // Batches of one: a reservation never crosses a batch, so the two
+        // payloads queued together are received (and acked) one at a time.
+        let mut s = serve(1, Mock::default()).await;
+        s.mock.push(&sample(&s.spec, 0));
+        read_acks(&mut s.peer, 1).await;
+        // The peer goes away (as after a reset): the next ack write fails with
+        // a whole payload still queued behind the one being acked, and part of
+        // a third.
+        drop(s.peer);
+        let p3 = sample(&s.spec, 3);
+        s.mock.push(
+            &[
+                sample(&s.spec, 1),
+                sample(&s.spec, 2),
+                p3[..p3.len() / 2].to_vec(),
+            ]
+            .concat(),
+        );
+        s.mock.close();
+        let e = s.task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::BrokenPipe),
+            "the ack failure is reported: {e}"
+        );
+        s.server.shutdown().await.unwrap();
+        let mut ids = Vec::new();
+        while let Some(b) = next_ids(&s.server).await {
+            ids.extend(b);
+        }
+        assert_eq!(
+            ids,
+            [(7, 0), (7, 1), (7, 2)],
+            "every whole payload, nothing partial"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
