@@ -53,8 +53,14 @@ struct Args {
     /// Unacknowledged payloads per client.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
-    /// What to measure: raw, ours, id-echo, py (id-echo's Python TcpClient).
-    #[arg(long, value_delimiter = ',', default_value = "raw,ours,id-echo,py")]
+    /// What to measure: raw, raw-lowat (the raw sink with our server's
+    /// socket tuning for large payloads), ours, id-echo, py (id-echo's Python
+    /// TcpClient).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw,raw-lowat,ours,id-echo,py"
+    )]
     targets: Vec<String>,
     /// Drainer threads of our server.
     #[arg(long, default_value_t = 1)]
@@ -62,6 +68,10 @@ struct Args {
     /// Internal: run as a server process (`sink` = ours, `raw-sink`).
     #[arg(long, hide = true)]
     role: Option<String>,
+    /// Internal: for `--role raw-sink`, tune each socket as our server does for
+    /// 1 MiB payloads.
+    #[arg(long, hide = true)]
+    lowat: bool,
     /// Internal: payload size for `--role`.
     #[arg(long, hide = true, default_value_t = 20)]
     payload: usize,
@@ -132,14 +142,39 @@ fn run_sink(args: &Args) {
     });
 }
 
-/// Raw ceiling sink: reads and discards each connection to EOF, then writes one byte.
-fn run_raw_sink() {
+/// Sets `SO_RCVLOWAT`, as our server does for payloads of `ps` bytes: first to
+/// two payloads (Linux grows the receive buffer to fit), then to one, so a read
+/// wakes only when a whole payload is queued.
+fn tune_like_ours(s: &std::net::TcpStream, ps: usize) {
+    use std::os::fd::AsRawFd;
+    for bytes in [2 * ps, ps] {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: SO_RCVLOWAT takes a c_int; the pointer and length describe `v`.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert!(r == 0, "SO_RCVLOWAT: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Raw ceiling sink: reads and discards each connection to EOF, then writes one
+/// byte. With `lowat`, each socket is tuned like our server's for 1 MiB payloads.
+fn run_raw_sink(lowat: bool) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     println!("PORT {}", l.local_addr().expect("addr").port());
     std::io::stdout().flush().ok();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
+            if lowat {
+                tune_like_ours(&s, 1 << 20);
+            }
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 1 << 20];
                 while let Ok(n) = s.read(&mut buf) {
@@ -323,9 +358,12 @@ fn start_id_echo(payload: usize) -> Proc {
     Proc::start("id-echo server", cmd)
 }
 
-fn start_raw() -> Proc {
+fn start_raw(lowat: bool) -> Proc {
     let mut cmd = Command::new(std::env::current_exe().expect("own path"));
     cmd.args(["--role", "raw-sink"]);
+    if lowat {
+        cmd.arg("--lowat");
+    }
     Proc::start("raw sink", cmd)
 }
 
@@ -590,6 +628,7 @@ fn fmt_spread(v: &[Measured]) -> String {
 #[derive(Default)]
 struct Cell {
     raw: Vec<Measured>,
+    raw_lowat: Vec<Measured>,
     ours: Vec<Measured>,
     id_echo: Vec<Measured>,
 }
@@ -598,7 +637,7 @@ fn main() {
     let args = Args::parse();
     match args.role.as_deref() {
         Some("sink") => return run_sink(&args),
-        Some("raw-sink") => return run_raw_sink(),
+        Some("raw-sink") => return run_raw_sink(args.lowat),
         Some(other) => panic!("unknown --role {other}"),
         None => {}
     }
@@ -609,8 +648,8 @@ fn main() {
     let want = |t: &str| args.targets.iter().any(|x| x == t);
     for t in &args.targets {
         assert!(
-            ["raw", "ours", "id-echo", "py"].contains(&t.as_str()),
-            "unknown target {t}; expected raw, ours, id-echo, py"
+            ["raw", "raw-lowat", "ours", "id-echo", "py"].contains(&t.as_str()),
+            "unknown target {t}; expected raw, raw-lowat, ours, id-echo, py"
         );
     }
     for &p in &args.sizes {
@@ -626,7 +665,8 @@ fn main() {
     let mut cells: Vec<((usize, usize), Cell)> = Vec::new();
     let mut py_cells: Vec<(usize, Vec<Measured>, Vec<Measured>)> = Vec::new();
     for &payload in &args.sizes {
-        let raw = want("raw").then(start_raw);
+        let raw = want("raw").then(|| start_raw(false));
+        let raw_lowat = want("raw-lowat").then(|| start_raw(true));
         let ours = (want("ours") || want("py")).then(|| start_ours(payload, args.drainers));
         let ide = (want("id-echo") || want("py")).then(|| start_id_echo(payload));
         let first = cells.len();
@@ -644,6 +684,11 @@ fn main() {
                         rt.block_on(load_raw(p.port, payload, clients, secs))
                     }));
                 }
+                if let Some(p) = raw_lowat.as_ref() {
+                    cell.raw_lowat.push(measured(p, || {
+                        rt.block_on(load_raw(p.port, payload, clients, secs))
+                    }));
+                }
                 if let (true, Some(p)) = (want("ours"), ours.as_ref()) {
                     cell.ours.push(measured(p, || {
                         rt.block_on(load(p.port, payload, clients, secs, mi))
@@ -654,15 +699,16 @@ fn main() {
                         rt.block_on(load(p.port, payload, clients, secs, mi))
                     }));
                 }
-                if raw.is_none() && !want("ours") && !want("id-echo") {
+                if raw.is_none() && raw_lowat.is_none() && !want("ours") && !want("id-echo") {
                     continue;
                 }
                 let last = |v: &Vec<Measured>| v.last().copied();
                 let (rs, rm) = fmt_rate(last(&cell.raw).map(|m| m.rate));
+                let (_, lm) = fmt_rate(last(&cell.raw_lowat).map(|m| m.rate));
                 let (os, om) = fmt_rate(last(&cell.ours).map(|m| m.rate));
                 let (is, im) = fmt_rate(last(&cell.id_echo).map(|m| m.rate));
                 eprintln!(
-                    "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
+                    "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s (lowat {lm:>7}) | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
                     started.elapsed().as_secs_f64(),
                     size_name(payload),
                     clients,
@@ -696,7 +742,7 @@ fn main() {
             }
             py_cells.push(py);
         }
-        for p in [raw, ours, ide].into_iter().flatten() {
+        for p in [raw, raw_lowat, ours, ide].into_iter().flatten() {
             p.stop();
         }
     }
@@ -706,15 +752,32 @@ fn main() {
          median of {reps} interleaved run(s) (min–max in brackets). CPU: server / \
          load-generator CPU microseconds per sample.\n"
     );
-    println!("| payload | clients | raw loopback MiB/s | raw CPU | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "Raw: plain sockets, the sink reading into one 1 MiB buffer; raw lowat: the same \
+         with our server's SO_RCVLOWAT tuning for 1 MiB payloads. ours / raw is against \
+         the faster of the two.\n"
+    );
+    println!("| payload | clients | raw loopback MiB/s | raw CPU | raw lowat MiB/s | raw lowat CPU | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ((payload, clients), c) in &cells {
-        let (raw, ours, ide) = (median(&c.raw), median(&c.ours), median(&c.id_echo));
+        let (raw, raw_lowat, ours, ide) = (
+            median(&c.raw),
+            median(&c.raw_lowat),
+            median(&c.ours),
+            median(&c.id_echo),
+        );
+        let ceiling = [raw, raw_lowat]
+            .into_iter()
+            .flatten()
+            .map(|m| m.rate)
+            .max_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
         println!(
-            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             size_name(*payload),
             fmt_rate(raw.map(|m| m.rate)).1,
             fmt_cpu(raw),
+            fmt_rate(raw_lowat.map(|m| m.rate)).1,
+            fmt_cpu(raw_lowat),
             fmt_spread(&c.ours),
             fmt_rate(ours.map(|m| m.rate)).1,
             fmt_cpu(ours),
@@ -722,7 +785,7 @@ fn main() {
             fmt_rate(ide.map(|m| m.rate)).1,
             fmt_cpu(ide),
             ratio(ours.map(|m| m.rate), ide.map(|m| m.rate)),
-            ratio(ours.map(|m| m.rate), raw.map(|m| m.rate))
+            ratio(ours.map(|m| m.rate), ceiling)
         );
     }
     if !py_cells.is_empty() {
