@@ -54,18 +54,20 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
     /// What to measure: raw, raw-lowat (the raw sink with our server's
-    /// socket tuning for large payloads), ours, id-echo, py (id-echo's Python
-    /// TcpClient).
+    /// socket tuning for large payloads), floor (a plain blocking ping-pong of
+    /// `max_inflight` payloads and as many one-byte acks: the best one client
+    /// can do when every payload waits for its ack), ours, id-echo, py
+    /// (id-echo's Python TcpClient).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw,raw-lowat,ours,id-echo,py"
+        default_value = "raw,raw-lowat,floor,ours,id-echo,py"
     )]
     targets: Vec<String>,
     /// Drainer threads of our server.
     #[arg(long, default_value_t = 1)]
     drainers: usize,
-    /// Internal: run as a server process (`sink` = ours, `raw-sink`).
+    /// Internal: run as a server process (`sink` = ours, `raw-sink`, `floor-sink`).
     #[arg(long, hide = true)]
     role: Option<String>,
     /// Internal: for `--role raw-sink`, tune each socket as our server does for
@@ -188,6 +190,93 @@ fn run_raw_sink(lowat: bool) {
     });
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+/// Ping-pong sink: per connection, reads `max_inflight` payloads, writes as
+/// many one-byte acks, and again, until EOF. No batching, no store: the round
+/// trip of two processes waking each other, which bounds one client's rate.
+fn run_floor_sink(payload: usize, max_inflight: usize) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    println!("PORT {}", l.local_addr().expect("addr").port());
+    std::io::stdout().flush().ok();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            s.set_nodelay(true).ok();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; payload * max_inflight];
+                let acks = vec![1u8; max_inflight];
+                while s.read_exact(&mut buf).is_ok() {
+                    if s.write_all(&acks).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+fn start_floor(payload: usize, max_inflight: usize) -> Proc {
+    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.args([
+        "--role",
+        "floor-sink",
+        "--payload",
+        &payload.to_string(),
+        "--max-inflight",
+        &max_inflight.to_string(),
+    ]);
+    Proc::start("ping-pong sink", cmd)
+}
+
+/// N blocking threads, each writing `max_inflight` payloads in one write and
+/// waiting for their acks, for `secs` after a warm-up.
+fn load_floor(port: u16, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
+    let warm = Duration::from_secs_f64((secs / 5.0).min(0.3));
+    let run = Duration::from_secs_f64(secs);
+    let start = Arc::new(std::sync::Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+                s.set_nodelay(true).ok();
+                let buf = vec![0x5au8; payload * max_inflight];
+                let mut acks = vec![0u8; max_inflight];
+                let mut round = |s: &mut std::net::TcpStream| {
+                    s.write_all(&buf).expect("floor write");
+                    s.read_exact(&mut acks).expect("floor acks");
+                };
+                let t = Instant::now();
+                while t.elapsed() < warm {
+                    round(&mut s);
+                }
+                start.wait();
+                let t0 = Instant::now();
+                let mut n = 0u64;
+                while t0.elapsed() < run {
+                    round(&mut s);
+                    n += max_inflight as u64;
+                }
+                (n, Instant::now())
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    let (mut total, mut last) = (0, t0);
+    for t in threads {
+        let (n, end) = t.join().expect("floor client");
+        total += n;
+        last = last.max(end);
+    }
+    Rate {
+        samples: total,
+        secs: (last - t0).as_secs_f64(),
+        payload,
+    }
 }
 
 /// A server in a child process.
@@ -629,6 +718,7 @@ fn fmt_spread(v: &[Measured]) -> String {
 struct Cell {
     raw: Vec<Measured>,
     raw_lowat: Vec<Measured>,
+    floor: Vec<Measured>,
     ours: Vec<Measured>,
     id_echo: Vec<Measured>,
 }
@@ -638,6 +728,7 @@ fn main() {
     match args.role.as_deref() {
         Some("sink") => return run_sink(&args),
         Some("raw-sink") => return run_raw_sink(args.lowat),
+        Some("floor-sink") => return run_floor_sink(args.payload, args.max_inflight),
         Some(other) => panic!("unknown --role {other}"),
         None => {}
     }
@@ -648,8 +739,8 @@ fn main() {
     let want = |t: &str| args.targets.iter().any(|x| x == t);
     for t in &args.targets {
         assert!(
-            ["raw", "raw-lowat", "ours", "id-echo", "py"].contains(&t.as_str()),
-            "unknown target {t}; expected raw, raw-lowat, ours, id-echo, py"
+            ["raw", "raw-lowat", "floor", "ours", "id-echo", "py"].contains(&t.as_str()),
+            "unknown target {t}; expected raw, raw-lowat, floor, ours, id-echo, py"
         );
     }
     for &p in &args.sizes {
@@ -667,6 +758,7 @@ fn main() {
     for &payload in &args.sizes {
         let raw = want("raw").then(|| start_raw(false));
         let raw_lowat = want("raw-lowat").then(|| start_raw(true));
+        let floor = want("floor").then(|| start_floor(payload, mi));
         let ours = (want("ours") || want("py")).then(|| start_ours(payload, args.drainers));
         let ide = (want("id-echo") || want("py")).then(|| start_id_echo(payload));
         let first = cells.len();
@@ -689,6 +781,11 @@ fn main() {
                         rt.block_on(load_raw(p.port, payload, clients, secs))
                     }));
                 }
+                if let Some(p) = floor.as_ref() {
+                    cell.floor.push(measured(p, || {
+                        load_floor(p.port, payload, clients, secs, mi)
+                    }));
+                }
                 if let (true, Some(p)) = (want("ours"), ours.as_ref()) {
                     cell.ours.push(measured(p, || {
                         rt.block_on(load(p.port, payload, clients, secs, mi))
@@ -699,16 +796,22 @@ fn main() {
                         rt.block_on(load(p.port, payload, clients, secs, mi))
                     }));
                 }
-                if raw.is_none() && raw_lowat.is_none() && !want("ours") && !want("id-echo") {
+                if raw.is_none()
+                    && raw_lowat.is_none()
+                    && floor.is_none()
+                    && !want("ours")
+                    && !want("id-echo")
+                {
                     continue;
                 }
                 let last = |v: &Vec<Measured>| v.last().copied();
                 let (rs, rm) = fmt_rate(last(&cell.raw).map(|m| m.rate));
                 let (_, lm) = fmt_rate(last(&cell.raw_lowat).map(|m| m.rate));
+                let (fs, _) = fmt_rate(last(&cell.floor).map(|m| m.rate));
                 let (os, om) = fmt_rate(last(&cell.ours).map(|m| m.rate));
                 let (is, im) = fmt_rate(last(&cell.id_echo).map(|m| m.rate));
                 eprintln!(
-                    "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s (lowat {lm:>7}) | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
+                    "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s (lowat {lm:>7}) | floor {fs:>9}/s | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
                     started.elapsed().as_secs_f64(),
                     size_name(payload),
                     clients,
@@ -742,7 +845,7 @@ fn main() {
             }
             py_cells.push(py);
         }
-        for p in [raw, raw_lowat, ours, ide].into_iter().flatten() {
+        for p in [raw, raw_lowat, floor, ours, ide].into_iter().flatten() {
             p.stop();
         }
     }
@@ -755,14 +858,16 @@ fn main() {
     println!(
         "Raw: plain sockets, the sink reading into one 1 MiB buffer; raw lowat: the same \
          with our server's SO_RCVLOWAT tuning for 1 MiB payloads. ours / raw is against \
-         the faster of the two.\n"
+         the faster of the two. Floor: a blocking ping-pong of max_inflight payloads and \
+         their acks per round trip, per client (no batching, no store).\n"
     );
-    println!("| payload | clients | raw loopback MiB/s | raw CPU | raw lowat MiB/s | raw lowat CPU | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| payload | clients | raw loopback MiB/s | raw CPU | raw lowat MiB/s | raw lowat CPU | floor samples/s | ours samples/s | ours MiB/s | ours CPU | id-echo samples/s | id-echo MiB/s | id-echo CPU | ours / id-echo | ours / raw | ours / floor |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ((payload, clients), c) in &cells {
-        let (raw, raw_lowat, ours, ide) = (
+        let (raw, raw_lowat, floor, ours, ide) = (
             median(&c.raw),
             median(&c.raw_lowat),
+            median(&c.floor),
             median(&c.ours),
             median(&c.id_echo),
         );
@@ -772,12 +877,13 @@ fn main() {
             .map(|m| m.rate)
             .max_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
         println!(
-            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             size_name(*payload),
             fmt_rate(raw.map(|m| m.rate)).1,
             fmt_cpu(raw),
             fmt_rate(raw_lowat.map(|m| m.rate)).1,
             fmt_cpu(raw_lowat),
+            fmt_spread(&c.floor),
             fmt_spread(&c.ours),
             fmt_rate(ours.map(|m| m.rate)).1,
             fmt_cpu(ours),
@@ -785,7 +891,8 @@ fn main() {
             fmt_rate(ide.map(|m| m.rate)).1,
             fmt_cpu(ide),
             ratio(ours.map(|m| m.rate), ide.map(|m| m.rate)),
-            ratio(ours.map(|m| m.rate), ceiling)
+            ratio(ours.map(|m| m.rate), ceiling),
+            ratio(ours.map(|m| m.rate), floor.map(|m| m.rate))
         );
     }
     if !py_cells.is_empty() {
