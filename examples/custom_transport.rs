@@ -316,15 +316,7 @@ impl Client for WsClient {
     }
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
-        if self.closed {
-            return Err(Error::closed(format!("client for {} is closed", self.url)));
-        }
-        if payload.len() != self.payload_size {
-            return Err(Error::PayloadSize {
-                expected: self.payload_size,
-                got: payload.len(),
-            });
-        }
+        echo::transport::check_send(self.closed, &self.url, self.payload_size, payload)?;
         self.window.acquire(1).await?; // waits while max_inflight are unacknowledged
         let message = Message::binary(Bytes::copy_from_slice(payload));
         if let Err(e) = self.sink.send(message).await {

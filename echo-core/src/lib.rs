@@ -67,7 +67,7 @@ pub use server::{ListenerInfo, Server, ServerBuilder};
 pub use spec::{DType, Leaf, Spec, SpecError, WireSpec};
 pub use store::{Batch, Element, LeafView, Reservation};
 pub use transport::{
-    Client, ClientFactory, ClientOptions, ClientStats, Transport, TransportFactory,
+    check_send, Client, ClientFactory, ClientOptions, ClientStats, Transport, TransportFactory,
 };
 pub use url::Url;
 pub use window::InflightWindow;

@@ -727,15 +727,7 @@ impl StreamClient {
 
     /// [`Client::send`] without boxing the future (for wrappers and hot loops).
     pub async fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
-        if self.closed {
-            return Err(Error::closed(format!("client for {} is closed", self.peer)));
-        }
-        if payload.len() != self.payload_size {
-            return Err(Error::PayloadSize {
-                expected: self.payload_size,
-                got: payload.len(),
-            });
-        }
+        crate::transport::check_send(self.closed, &self.peer, self.payload_size, payload)?;
         match &mut self.output {
             Output::Buffered { outbox, .. } => {
                 self.window.acquire(1).await?;

@@ -118,6 +118,24 @@ pub trait Client: Send + Sync + Debug {
     }
 }
 
+/// The checks every [`Client::send`] starts with, so that every client (ours and
+/// downstream ones) refuses the same things with the same errors: a client that
+/// is `closed` (after [`Client::close`], or once the peer left) gets
+/// [`Error::ConnectionClosed`] naming `peer`; a payload that is not
+/// `payload_size` bytes gets [`Error::PayloadSize`].
+pub fn check_send(closed: bool, peer: &str, payload_size: usize, payload: &[u8]) -> Result<()> {
+    if closed {
+        return Err(Error::closed(format!("client for {peer} is closed")));
+    }
+    if payload.len() != payload_size {
+        return Err(Error::PayloadSize {
+            expected: payload_size,
+            got: payload.len(),
+        });
+    }
+    Ok(())
+}
+
 /// A URL's query parameter parsed as `T`, or `default` when absent.
 pub fn query_param<T: std::str::FromStr>(url: &Url, key: &str, default: T) -> Result<T>
 where

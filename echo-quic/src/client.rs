@@ -386,15 +386,7 @@ impl Client for QuicClient {
     }
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
-        if self.closed {
-            return Err(Error::closed(format!("client for {} is closed", self.peer)));
-        }
-        if payload.len() != self.payload_size {
-            return Err(Error::PayloadSize {
-                expected: self.payload_size,
-                got: payload.len(),
-            });
-        }
+        echo_core::check_send(self.closed, &self.peer, self.payload_size, payload)?;
         let i = match self.pick() {
             Some(i) => i,
             None => self.wait_for_room().await?,
