@@ -114,6 +114,103 @@ fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic() {
     );
 }
 
+/// A process that keeps replacing QUIC clients while others keep sending stays
+/// bounded in memory. Each client has an endpoint of its own; quinn sized its
+/// receive buffer at 13 MiB (6500-byte packets x 64 offload segments x 32), and
+/// once glibc had freed one such block it served the next from the heap, zeroed
+/// and so resident, growing the process by about a megabyte per client that
+/// came and went. Client endpoints now receive one datagram of at most 1472
+/// bytes per slot (46 KiB). `loopback_mtu=0` gives the packet size of a real
+/// network (on loopback the default, 32 KiB packets, makes the block larger
+/// than glibc's limit for that, which hid the growth).
+#[cfg(feature = "quic")]
+#[test]
+fn replacing_quic_clients_keeps_the_clients_memory_bounded() {
+    let name = "replacing_quic_clients_keeps_the_clients_memory_bounded";
+    in_own_process(name, 90, || {
+        runtime().block_on(within(60, "the churn test", run_churn()))
+    });
+}
+
+#[cfg(feature = "quic")]
+async fn run_churn() {
+    let spec = kit_spec(SIZE);
+    let server = Server::builder(spec.clone())
+        .batch_size(16)
+        .registry(echo::registry())
+        .build()
+        .unwrap();
+    let listened = server.listen("quic://127.0.0.1:0").await.unwrap();
+    let sep = if listened.contains('?') { '&' } else { '?' };
+    let url = format!("{listened}{sep}loopback_mtu=0");
+    let consumer = spawn_consumer(&server);
+    // 8 slots, each running one client after another: a client sends 40
+    // samples, waits for their acks and goes; the slot connects the next one.
+    let (slots, per_client) = (8u32, 40u32);
+    let generations = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..slots)
+        .map(|slot| {
+            let (url, spec, generations, stop) =
+                (url.clone(), spec.clone(), generations.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut done = 0u32;
+                let mut buf = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    // Client ids: slot * 10_000 + generation.
+                    let id = slot * 10_000 + done;
+                    let mut c = connect(&url, &spec).await;
+                    for seq in 0..per_client {
+                        kit_sample(&spec, id, seq, &mut buf);
+                        c.send(&buf).await.unwrap();
+                    }
+                    c.wait().await.unwrap();
+                    c.close().await.unwrap();
+                    drop(c);
+                    done += 1;
+                    generations.fetch_add(1, Ordering::Relaxed);
+                }
+                done
+            })
+        })
+        .collect();
+    // The first generation of every slot is up: the baseline.
+    while generations.load(Ordering::Relaxed) < u64::from(slots) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let baseline = rss_kib();
+    let mut peak = baseline;
+    let target = 200;
+    while generations.load(Ordering::Relaxed) < target {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peak = peak.max(rss_kib());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut per_slot = Vec::new();
+    for t in tasks {
+        per_slot.push(within(20, "a client slot", t).await.unwrap());
+    }
+    within(20, "shutdown", server.shutdown()).await.unwrap();
+    let got = within(10, "the consumer", consumer).await.unwrap();
+    let replaced = generations.load(Ordering::Relaxed);
+    eprintln!(
+        "{replaced} QUIC clients came and went; RSS {baseline} KiB once all 8 slots had \
+         one, peak {peak} KiB"
+    );
+    for (slot, &n) in per_slot.iter().enumerate() {
+        for g in 0..n {
+            assert_exactly(&got, slot as u32 * 10_000 + g, per_client);
+        }
+    }
+    // Before the fix, about 1 MiB per replaced client: 150+ MiB here.
+    let bound = 32 * 1024;
+    assert!(
+        peak.saturating_sub(baseline) < bound,
+        "RSS grew from {baseline} KiB to {peak} KiB while {replaced} QUIC clients were \
+         replaced (bound: {bound} KiB of growth)"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Shared machinery.
 

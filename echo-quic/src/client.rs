@@ -231,13 +231,10 @@ async fn connect_quic(target: &Target, peer: &str) -> Result<(Endpoint, quinn::C
     } else {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let socket = target.tuning.socket(local)?;
-    let endpoint = Endpoint::new(
-        target.tuning.endpoint(peer_kind),
-        None,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket = target.tuning.client_socket(local, &*runtime)?;
+    let endpoint =
+        Endpoint::new_with_abstract_socket(target.tuning.client_endpoint(), None, socket, runtime)?;
     let connecting = endpoint
         .connect_with(cfg, target.addr, &target.server_name)
         .map_err(|e| Error::Config(format!("cannot connect to {peer}: {e}")))?;

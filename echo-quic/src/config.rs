@@ -4,18 +4,27 @@
 //! millisecond, 1-100 Gbit/s) while keeping each connection's memory bounded;
 //! BENCHMARKS.md ("QUIC") has the measurements behind them.
 
+use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use echo_core::transport::query_param;
 use echo_core::{Error, Result, Url};
-use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{
+    AsyncUdpSocket, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, Runtime, TransportConfig,
+    UdpPoller, VarInt,
+};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// The largest `max_mtu` with `gso` on: 10 segments in one 65,507-byte UDP send.
 const MAX_GSO_MTU: u16 = 6550;
+/// Largest UDP payload a client endpoint accepts (see `Tuning::client_endpoint`).
+const CLIENT_MAX_UDP_PAYLOAD: u16 = 1472;
 
 /// Flow-control, congestion and packet-size settings (URL query parameters of
 /// the same names override them, on both `quic://` servers and clients).
@@ -280,6 +289,20 @@ impl Tuning {
         e
     }
 
+    /// quinn's endpoint config for a client: it accepts UDP payloads of up to
+    /// 1472 bytes (what a 1500-byte Ethernet carries). A client receives only
+    /// the server's acknowledgements, which gain nothing from large packets,
+    /// and quinn sizes each endpoint's receive buffer by this bound (see
+    /// [`NoGro`]): 46 KiB instead of 1 MiB on loopback. What the client
+    /// sends is bounded by the server's endpoint and the client's path
+    /// (`max_mtu`, `loopback_mtu`), not by this.
+    pub(crate) fn client_endpoint(&self) -> EndpointConfig {
+        let mut e = EndpointConfig::default();
+        // Within 1200..=65527, which quinn accepts.
+        let _ = e.max_udp_payload_size(CLIENT_MAX_UDP_PAYLOAD);
+        e
+    }
+
     /// A UDP socket bound to `addr` with the configured buffer sizes.
     pub(crate) fn socket(&self, addr: SocketAddr) -> Result<UdpSocket> {
         let socket = UdpSocket::bind(addr).map_err(|e| {
@@ -297,6 +320,102 @@ impl Tuning {
             tracing::debug!("quic: cannot set UDP send buffer: {e}");
         }
         Ok(socket)
+    }
+}
+
+/// A client endpoint's UDP socket without receive offload (GRO).
+///
+/// quinn sizes an endpoint's receive buffer as `max_udp_payload_size` (up to
+/// 64 KiB) x GRO segments (64 on Linux) x 32 datagrams per `recvmmsg`: 13 MiB
+/// at a 6500-byte MTU, 64 MiB at 32768, allocated with every endpoint, and a
+/// client has one endpoint of its own. With glibc, a freed block under 32 MiB
+/// raises the allocator's mmap threshold, so later endpoints' buffers come from
+/// the heap, where `calloc` zeroes (and so makes resident) all of it, and freed
+/// ones stay in the heap: a process that keeps replacing QUIC clients grows by
+/// megabytes per client (RELIABILITY.md, "QUIC client churn"). A client only
+/// receives acknowledgements, so it needs no GRO: one datagram per buffer slot
+/// makes the buffer 32 x the payload size, 46 KiB with a client's 1472-byte
+/// bound ([`Tuning::client_endpoint`]).
+#[derive(Debug)]
+struct NoGro(Arc<dyn AsyncUdpSocket>);
+
+impl AsyncUdpSocket for NoGro {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.0.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> std::io::Result<()> {
+        self.0.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<std::io::Result<usize>> {
+        self.0.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.0.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        1
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.0.may_fragment()
+    }
+}
+
+/// Turns UDP receive offload off on `socket`; false if that failed.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn disable_gro(socket: &UdpSocket) -> bool {
+    use std::os::fd::AsRawFd;
+    let off: libc::c_int = 0;
+    // SAFETY: a valid socket descriptor, and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// Elsewhere quinn does not coalesce received datagrams on UDP sockets
+/// (Windows' URO aside): nothing to turn off, but nothing known to be off.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn disable_gro(_socket: &UdpSocket) -> bool {
+    false
+}
+
+impl Tuning {
+    /// A client endpoint's socket bound to `addr`: [`socket`](Self::socket),
+    /// handed to quinn without receive offload (see [`NoGro`]).
+    pub(crate) fn client_socket(
+        &self,
+        addr: SocketAddr,
+        runtime: &dyn Runtime,
+    ) -> Result<Arc<dyn AsyncUdpSocket>> {
+        let socket = self.socket(addr)?;
+        let probe = socket.try_clone()?;
+        // quinn turns GRO on here: off again afterwards.
+        let wrapped = runtime.wrap_udp_socket(socket)?;
+        if disable_gro(&probe) {
+            Ok(Arc::new(NoGro(wrapped)))
+        } else {
+            Ok(wrapped)
+        }
     }
 }
 
