@@ -165,57 +165,52 @@ fn tune_like_ours(s: &std::net::TcpStream, ps: usize) {
     }
 }
 
-/// Raw ceiling sink: reads and discards each connection to EOF, then writes one
-/// byte. With `lowat`, each socket is tuned like our server's for 1 MiB payloads.
-fn run_raw_sink(lowat: bool) {
+/// A plain sink process: prints `PORT p`, serves each connection with `serve`
+/// on a thread of its own, and exits when stdin closes.
+fn run_thread_sink(serve: impl Fn(std::net::TcpStream) + Copy + Send + 'static) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     println!("PORT {}", l.local_addr().expect("addr").port());
     std::io::stdout().flush().ok();
     std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            if lowat {
-                tune_like_ours(&s, 1 << 20);
-            }
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 20];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        let _ = s.write_all(&[1]);
-                        return;
-                    }
-                }
-            });
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || serve(s));
         }
     });
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
 }
 
+/// Raw ceiling sink: reads and discards each connection to EOF, then writes one
+/// byte. With `lowat`, each socket is tuned like our server's for 1 MiB payloads.
+fn run_raw_sink(lowat: bool) {
+    run_thread_sink(move |mut s| {
+        if lowat {
+            tune_like_ours(&s, 1 << 20);
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                let _ = s.write_all(&[1]);
+                return;
+            }
+        }
+    });
+}
+
 /// Ping-pong sink: per connection, reads `max_inflight` payloads, writes as
 /// many one-byte acks, and again, until EOF. No batching, no store: the round
 /// trip of two processes waking each other, which bounds one client's rate.
 fn run_floor_sink(payload: usize, max_inflight: usize) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    println!("PORT {}", l.local_addr().expect("addr").port());
-    std::io::stdout().flush().ok();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            s.set_nodelay(true).ok();
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; payload * max_inflight];
-                let acks = vec![1u8; max_inflight];
-                while s.read_exact(&mut buf).is_ok() {
-                    if s.write_all(&acks).is_err() {
-                        return;
-                    }
-                }
-            });
+    run_thread_sink(move |mut s| {
+        s.set_nodelay(true).ok();
+        let mut buf = vec![0u8; payload * max_inflight];
+        let acks = vec![1u8; max_inflight];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&acks).is_err() {
+                return;
+            }
         }
     });
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
 }
 
 fn start_floor(payload: usize, max_inflight: usize) -> Proc {
@@ -266,17 +261,8 @@ fn load_floor(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
         .collect();
     start.wait();
     let t0 = Instant::now();
-    let (mut total, mut last) = (0, t0);
-    for t in threads {
-        let (n, end) = t.join().expect("floor client");
-        total += n;
-        last = last.max(end);
-    }
-    Rate {
-        samples: total,
-        secs: (last - t0).as_secs_f64(),
-        payload,
-    }
+    let ends = threads.into_iter().map(|t| t.join().expect("floor client"));
+    Rate::since(t0, ends, payload)
 }
 
 /// A server in a child process.
@@ -469,6 +455,21 @@ struct Rate {
 }
 
 impl Rate {
+    /// The rate of clients that started at `t0` and each reported how many
+    /// samples it had acknowledged and when it was done (the last one ends it).
+    fn since(t0: Instant, ends: impl IntoIterator<Item = (u64, Instant)>, payload: usize) -> Rate {
+        let (mut samples, mut last) = (0, t0);
+        for (n, end) in ends {
+            samples += n;
+            last = last.max(end);
+        }
+        Rate {
+            samples,
+            secs: (last - t0).as_secs_f64(),
+            payload,
+        }
+    }
+
     fn per_sec(&self) -> f64 {
         self.samples as f64 / self.secs
     }
@@ -529,18 +530,11 @@ async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
     }
     start.wait().await;
     let t0 = Instant::now();
-    let mut total = 0;
-    let mut last = t0;
+    let mut ends = Vec::new();
     for t in tasks {
-        let (n, end) = t.await.expect("client task");
-        total += n;
-        last = last.max(end);
+        ends.push(t.await.expect("client task"));
     }
-    Rate {
-        samples: total,
-        secs: (last - t0).as_secs_f64(),
-        payload,
-    }
+    Rate::since(t0, ends, payload)
 }
 
 /// N plain connections writing 1 MiB buffers for `secs`; ends when the sink has read all.
