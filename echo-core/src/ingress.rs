@@ -36,6 +36,12 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Limits for decoding handshakes (clients).
     pub handshake: HandshakeLimits,
+    /// How long a connection that has just been drained polls its socket before
+    /// it waits for the next bytes (default 50 µs; zero turns it off). It
+    /// applies to streams that can be read without waiting (TCP and Unix
+    /// sockets), payloads of at most [`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD)
+    /// bytes, and processes with few such streams open; see [`busy`](crate::busy).
+    pub busy_poll: Duration,
 }
 
 impl Default for Limits {
@@ -46,6 +52,7 @@ impl Default for Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
             handshake: HandshakeLimits::default(),
+            busy_poll: crate::busy::DEFAULT_BUSY_POLL,
         }
     }
 }

@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod busy;
 pub mod control;
 pub mod error;
 pub mod ingress;

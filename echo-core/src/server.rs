@@ -54,6 +54,14 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a drained TCP or Unix connection of small payloads polls its
+    /// socket before it parks (default 50 µs; zero turns it off); see
+    /// [`Limits::busy_poll`].
+    pub fn busy_poll(mut self, budget: std::time::Duration) -> Self {
+        self.limits.busy_poll = budget;
+        self
+    }
+
     /// The most open connections over all transports (default 1024).
     pub fn max_connections(mut self, n: usize) -> Self {
         self.limits.max_connections = n;

@@ -14,6 +14,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
+use crate::busy::BusyPoll;
 use crate::ingress::{Connection, Ingress, ShutdownSignal};
 use crate::metrics::LatencyHistogram;
 use crate::spec::Spec;
@@ -72,9 +73,10 @@ async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
 pub const DIRECT_RECV_MIN: usize = 64 * 1024;
 
 /// What a stream's read half offers for receiving large payloads straight into
-/// the store (sockets: `SO_RCVLOWAT`, `FIONREAD`, `readv`). Every method has a
-/// default meaning "not supported", so a stream without it just implements the
-/// trait with no body.
+/// the store (sockets: `SO_RCVLOWAT`, `FIONREAD`, `readv`), and for busy polling
+/// ([`busy`](crate::busy), which only needs [`recv_now`](Self::recv_now)). Every
+/// method has a default meaning "not supported", so a stream without it just
+/// implements the trait with no body.
 ///
 /// With it, a connection waits until a whole payload is in the kernel's receive
 /// queue, only then reserves store slots and reads the payload into them, so a
@@ -94,7 +96,9 @@ pub trait DirectRecv {
         Err(io::ErrorKind::Unsupported.into())
     }
 
-    /// Reads into `bufs` without waiting (a vectored read).
+    /// Reads into `bufs` without waiting (a vectored read): `WouldBlock` if
+    /// nothing is queued, `Ok(0)` at the end of the stream. Called with no
+    /// buffers to learn whether it is supported (`Unsupported` if not).
     fn recv_now(&self, _bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         Err(io::ErrorKind::Unsupported.into())
     }
@@ -219,6 +223,61 @@ impl<W: AsyncWrite + Unpin> Acks<W> {
     }
 }
 
+/// Busy polling for `reader`, with `budget` per wait if its payloads are small
+/// enough ([`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD)) and it supports
+/// reads without waiting ([`DirectRecv::recv_now`], probed with no buffers).
+fn busy_poll_for<R: DirectRecv>(
+    reader: &R,
+    payload_size: usize,
+    budget: std::time::Duration,
+) -> BusyPoll {
+    let unsupported =
+        matches!(reader.recv_now(&mut []), Err(e) if e.kind() == io::ErrorKind::Unsupported);
+    BusyPoll::new(if unsupported || payload_size > crate::busy::MAX_PAYLOAD {
+        std::time::Duration::ZERO
+    } else {
+        budget
+    })
+}
+
+/// One read without waiting, for busy polling: `None` if nothing is queued yet.
+fn try_recv<R: DirectRecv>(reader: &R, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    match reader.recv_now(&mut [IoSliceMut::new(buf)]) {
+        Ok(n) => Some(Ok(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// Polls `reader` within `busy`'s budget, yielding to the runtime between
+/// attempts: the result of the read that found bytes, or `None`. (`reader` is
+/// borrowed mutably only so that the future is `Send` without `R: Sync`.)
+async fn busy_recv<R: DirectRecv>(
+    busy: &mut BusyPoll,
+    reader: &mut R,
+    buf: &mut [u8],
+) -> Option<io::Result<usize>> {
+    let mut got = None;
+    if let Some(poll) = busy.start() {
+        loop {
+            got = try_recv(reader, buf);
+            if got.is_some() || !poll.more() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        if got.is_some() {
+            poll.found();
+        }
+    }
+    if matches!(&got, Some(Err(e)) if e.kind() == io::ErrorKind::Unsupported) {
+        busy.disable();
+        got = None;
+    }
+    got
+}
+
 /// Serves wire v1 on one stream: optional client hello, the handshake, then
 /// payloads in, acks out, until EOF or `stop`/server shutdown.
 ///
@@ -313,6 +372,7 @@ where
     if direct {
         low_water = ps;
     }
+    let mut busy = busy_poll_for(&reader, ps, conn.limits().busy_poll);
     loop {
         if direct && sp.ready() == 0 && sp.partial_len() == 0 {
             if low_water != ps {
@@ -398,10 +458,15 @@ where
             }
         }
         let asked = sp.spare().len();
-        let n = tokio::select! {
-            biased;
-            r = reader.read(sp.spare()) => r?,
-            _ = &mut stopped => return Ok(StreamEnd::Shutdown),
+        // A drained stream: poll it for a moment before parking.
+        let spun = busy_recv(&mut busy, &mut reader, sp.spare()).await;
+        let n = match spun {
+            Some(r) => r?,
+            None => tokio::select! {
+                biased;
+                r = reader.read(sp.spare()) => r?,
+                _ = &mut stopped => return Ok(StreamEnd::Shutdown),
+            },
         };
         let mut eof = n == 0;
         sp.commit(n);
@@ -638,6 +703,35 @@ impl StreamClient {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let direct = spec.payload_size() >= DIRECT_WRITE_MIN;
+        Self::connect_with(
+            Plain(reader),
+            writer,
+            spec,
+            options,
+            send_hello,
+            peer,
+            direct,
+        )
+        .await
+    }
+
+    /// [`connect`](Self::connect) for a socket whose read half can be read
+    /// without waiting ([`DirectRecv::recv_now`]): while payloads are in flight,
+    /// the client polls it for acks for up to
+    /// [`ClientOptions::busy_poll`](crate::ClientOptions) before parking.
+    pub async fn connect_socket<R, W>(
+        reader: R,
+        writer: W,
+        spec: &Spec,
+        options: &ClientOptions,
+        send_hello: bool,
+        peer: String,
+    ) -> Result<StreamClient>
+    where
+        R: AsyncRead + DirectRecv + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let direct = spec.payload_size() >= DIRECT_WRITE_MIN;
         Self::connect_with(reader, writer, spec, options, send_hello, peer, direct).await
     }
 
@@ -657,7 +751,16 @@ impl StreamClient {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        Self::connect_with(reader, writer, spec, options, send_hello, peer, false).await
+        Self::connect_with(
+            Plain(reader),
+            writer,
+            spec,
+            options,
+            send_hello,
+            peer,
+            false,
+        )
+        .await
     }
 
     async fn connect_with<R, W>(
@@ -670,7 +773,7 @@ impl StreamClient {
         direct: bool,
     ) -> Result<StreamClient>
     where
-        R: AsyncRead + Unpin + Send + 'static,
+        R: AsyncRead + DirectRecv + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         options.validate()?;
@@ -691,7 +794,8 @@ impl StreamClient {
             }
         }
         let window = Arc::new(InflightWindow::new(options.max_inflight));
-        let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone()));
+        let busy = busy_poll_for(&reader, spec.payload_size(), options.busy_poll);
+        let reader = tokio::spawn(read_acks(reader, window.clone(), peer.clone(), busy));
         let output = if direct {
             Output::Direct {
                 writer: Mutex::new(Some(Box::pin(writer))),
@@ -843,10 +947,26 @@ fn settle_cancelled(
     }
 }
 
-async fn read_acks<R: AsyncRead + Unpin>(mut reader: R, window: Arc<InflightWindow>, peer: String) {
+async fn read_acks<R: AsyncRead + DirectRecv + Unpin>(
+    mut reader: R,
+    window: Arc<InflightWindow>,
+    peer: String,
+    mut busy: BusyPoll,
+) {
     let mut buf = [0u8; 4096];
     loop {
-        match reader.read(&mut buf).await {
+        // With payloads in flight, acks are due: poll for them for a moment
+        // before parking.
+        let polled = if window.inflight() > 0 {
+            busy_recv(&mut busy, &mut reader, &mut buf).await
+        } else {
+            None
+        };
+        let r = match polled {
+            Some(r) => r,
+            None => reader.read(&mut buf).await,
+        };
+        match r {
             Ok(0) => {
                 window.close(format!("{peer} closed the connection"));
                 return;
@@ -958,7 +1078,9 @@ mod tests {
         low_water: usize,
         /// Largest low-water mark the "kernel" accepts.
         cap: Option<usize>,
+        /// Bytes read by `recv_now` (direct receives, and busy polling's reads).
         direct_bytes: usize,
+        recv_now_calls: usize,
         buffered_bytes: usize,
         waker: Option<Waker>,
     }
@@ -1038,6 +1160,14 @@ mod tests {
             if q.fail_recv {
                 return Err(io::ErrorKind::ConnectionReset.into());
             }
+            if bufs.is_empty() {
+                return Ok(0);
+            }
+            q.recv_now_calls += 1;
+            // Like a non-blocking socket: nothing queued is WouldBlock, not EOF.
+            if q.queued() == 0 && !q.closed {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             let mut total = 0;
             for b in bufs.iter_mut() {
                 let n = q.queued().min(b.len());
@@ -1077,9 +1207,29 @@ mod tests {
     /// Serves a mock stream for payloads of 64 KiB (three leaves) in batches of
     /// `batch`, and reads the handshake off the peer's end.
     async fn serve(batch: usize, mock: Mock) -> Served {
-        let spec = kit_spec(DIRECT_RECV_MIN);
+        serve_spec(
+            kit_spec(DIRECT_RECV_MIN),
+            batch,
+            mock,
+            std::time::Duration::ZERO,
+        )
+        .await
+    }
+
+    /// [`serve`] for any spec, with `busy_poll` (these tests are single-threaded,
+    /// where a poll would only spin: it is off but in the test of polling).
+    async fn serve_spec(
+        spec: Spec,
+        batch: usize,
+        mock: Mock,
+        busy_poll: std::time::Duration,
+    ) -> Served {
         let server = Server::builder(spec.clone())
             .batch_size(batch)
+            .limits(crate::Limits {
+                busy_poll,
+                ..crate::Limits::default()
+            })
             .build()
             .unwrap();
         let conn = server.ingress().open("mock", "mock-peer").unwrap();
@@ -1288,5 +1438,46 @@ mod tests {
         let q = s.mock.q();
         assert_eq!((q.direct_bytes, q.buffered_bytes), (0, two.len()));
         assert_eq!(q.low_water, 1, "mark reset for buffered reads");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_stream_is_polled_for_its_next_bytes_before_it_parks() {
+        let spec = kit_spec(64);
+        let mock = Mock::default();
+        let mut s = serve_spec(spec.clone(), 2, mock, std::time::Duration::from_secs(30)).await;
+        let first = sample(&spec, 0);
+        s.mock.push(&first);
+        read_acks(&mut s.peer, 1).await;
+        // The server drained the stream; wait until it is seen polling.
+        let polls = || s.mock.q().recv_now_calls;
+        let before = polls();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while polls() < before + 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the drained stream is not polled"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Bytes that come now without a wake-up: only a poll can find them (a
+        // parked read would wait forever).
+        let second = sample(&spec, 1);
+        {
+            let mut q = s.mock.q();
+            q.bytes.extend_from_slice(&second);
+            q.waker = None;
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            read_acks(&mut s.peer, 1),
+        )
+        .await
+        .expect("bytes that came without a wake-up were found by polling");
+        assert_eq!(next_ids(&s.server).await.unwrap(), [(7, 0), (7, 1)]);
+        let (direct, buffered) = {
+            let q = s.mock.q();
+            (q.direct_bytes, q.buffered_bytes)
+        };
+        assert_eq!(buffered + direct, first.len() + second.len());
     }
 }

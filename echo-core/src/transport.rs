@@ -43,6 +43,11 @@ pub struct ClientOptions {
     pub max_inflight: usize,
     /// Limit for connecting and receiving the server's handshake (default 10 s).
     pub connect_timeout: Duration,
+    /// How long a client waiting for acks polls its socket before it parks
+    /// (default 50 µs; zero turns it off). TCP and Unix clients use it, for
+    /// payloads of at most [`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD) bytes
+    /// and in processes with few such streams open; see [`busy`](crate::busy).
+    pub busy_poll: Duration,
 }
 
 impl Default for ClientOptions {
@@ -50,6 +55,7 @@ impl Default for ClientOptions {
         ClientOptions {
             max_inflight: 32,
             connect_timeout: Duration::from_secs(10),
+            busy_poll: crate::busy::DEFAULT_BUSY_POLL,
         }
     }
 }

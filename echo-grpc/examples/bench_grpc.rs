@@ -240,6 +240,7 @@ async fn load(url: &str, payload: usize, clients: usize, secs: f64, max_inflight
     let opts = ClientOptions {
         max_inflight,
         connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
     };
     let reg = registry();
     let data: Arc<Vec<u8>> = Arc::new((0..payload).map(|i| (i * 7 + 3) as u8).collect());

@@ -220,6 +220,7 @@ async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, sec
     let opts = ClientOptions {
         max_inflight: args.max_inflight,
         connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
     };
     let mut conns = Vec::new();
     for _ in 0..clients {

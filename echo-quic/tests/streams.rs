@@ -32,6 +32,7 @@ fn options(max_inflight: usize) -> ClientOptions {
     ClientOptions {
         max_inflight,
         connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
     }
 }
 

@@ -479,6 +479,24 @@ impl Rate {
     }
 }
 
+/// Waits for every ack, for at most a minute: a server that stops acknowledging
+/// ends the benchmark with a message instead of hanging it. (id-echo 0.2.1's
+/// server was once seen to stop reading 16 connections mid-run, with payloads
+/// in its receive queues, and not since.)
+async fn wait_acked(c: &mut TcpClient) {
+    let limit = Duration::from_secs(60);
+    match tokio::time::timeout(limit, c.wait()).await {
+        Ok(r) => r.expect("wait"),
+        Err(_) => {
+            let st = echo_core::Client::stats(c);
+            panic!(
+                "the server stopped acknowledging: {} of {} payloads acked after waiting {limit:?}",
+                st.acked, st.sent
+            )
+        }
+    }
+}
+
 /// N of our `TcpClient`s against `port`, each sending for `secs` after a warm-up.
 async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
     let spec = spec_for(payload);
@@ -486,6 +504,7 @@ async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
     let opts = ClientOptions {
         max_inflight,
         connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
     };
     let data: Arc<Vec<u8>> = Arc::new((0..payload).map(|i| (i * 7 + 3) as u8).collect());
     let mut conns = Vec::new();
@@ -512,7 +531,7 @@ async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
                     c.send(&data).await.expect("send");
                 }
             }
-            c.wait().await.expect("wait");
+            wait_acked(&mut c).await;
             start.wait().await;
             let t0 = Instant::now();
             let mut n = 0u64;
@@ -522,7 +541,7 @@ async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
                 }
                 n += step as u64;
             }
-            c.wait().await.expect("wait");
+            wait_acked(&mut c).await;
             let end = Instant::now();
             c.close().await.expect("close");
             (n, end)

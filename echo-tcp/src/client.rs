@@ -11,6 +11,7 @@ use echo_core::window::InflightWindow;
 use echo_core::{Client, ClientFactory, ClientOptions, ClientStats, Error, Result, Spec, Url};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::listener::SocketReader;
 use crate::transport::{check_params, unix_path, LISTENER_PARAMS};
 
 /// A wire v1 client over TCP or a Unix socket, byte-compatible with id-echo's
@@ -90,7 +91,7 @@ impl TcpClient {
                     .map_err(|e| connect_error(url, e))?;
                 rest.connect_timeout = left(deadline);
                 let (r, w) = stream.into_split();
-                StreamClient::connect(r, w, spec, &rest, false, name).await?
+                StreamClient::connect_socket(SocketReader(r), w, spec, &rest, false, name).await?
             }
             "unix" => {
                 let path = unix_path(url)?;
@@ -100,7 +101,7 @@ impl TcpClient {
                     .map_err(|e| connect_error(url, e))?;
                 rest.connect_timeout = left(deadline);
                 let (r, w) = stream.into_split();
-                StreamClient::connect(r, w, spec, &rest, false, name).await?
+                StreamClient::connect_socket(SocketReader(r), w, spec, &rest, false, name).await?
             }
             other => {
                 return Err(Error::Url {

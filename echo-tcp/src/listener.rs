@@ -83,6 +83,57 @@ impl<R: AsyncRead + Unpin> AsyncRead for SlotReader<R> {
     }
 }
 
+/// The socket under a read half.
+pub(crate) trait SocketFd {
+    fn socket_fd(&self) -> RawFd;
+}
+
+impl SocketFd for tcp::OwnedReadHalf {
+    fn socket_fd(&self) -> RawFd {
+        self.as_ref().as_raw_fd()
+    }
+}
+
+impl SocketFd for unix::OwnedReadHalf {
+    fn socket_fd(&self) -> RawFd {
+        self.as_ref().as_raw_fd()
+    }
+}
+
+/// A vectored read from a socket Tokio keeps non-blocking: never waits, and
+/// bypasses (without disturbing) the runtime's readiness tracking.
+fn recv_now(fd: RawFd, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+    let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+    // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix, and every one
+    // points at writable memory borrowed for this call; `fd` is the caller's
+    // open socket.
+    let n = unsafe { libc::readv(fd, bufs.as_mut_ptr().cast::<libc::iovec>(), count) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// A client's read half: reads without waiting, for busy polling.
+#[derive(Debug)]
+pub(crate) struct SocketReader<R>(pub(crate) R);
+
+impl<R: AsyncRead + Unpin> AsyncRead for SocketReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<R: SocketFd> DirectRecv for SocketReader<R> {
+    fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        recv_now(self.0.socket_fd(), bufs)
+    }
+}
+
 /// Bytes in a socket's receive queue (`FIONREAD`, i.e. `SIOCINQ`).
 fn queued_bytes(fd: RawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -158,16 +209,7 @@ impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
     }
 
     fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let fd = self.inner.as_ref().as_raw_fd();
-        let count = bufs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
-        // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix, and every one
-        // points at writable memory borrowed for this call; `fd` is our socket.
-        // The socket is non-blocking (Tokio's), so this never waits.
-        let n = unsafe { libc::readv(fd, bufs.as_mut_ptr().cast::<libc::iovec>(), count) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        recv_now(self.inner.socket_fd(), bufs)
     }
 
     async fn readable(&self) -> io::Result<bool> {
@@ -176,7 +218,13 @@ impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
     }
 }
 
-impl DirectRecv for SlotReader<unix::OwnedReadHalf> {}
+/// Unix sockets are only read without waiting for busy polling; see the TCP
+/// implementation for why they receive nothing directly.
+impl DirectRecv for SlotReader<unix::OwnedReadHalf> {
+    fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        recv_now(self.inner.socket_fd(), bufs)
+    }
+}
 
 pub(crate) struct TcpAccept {
     pub(crate) listener: TcpListener,

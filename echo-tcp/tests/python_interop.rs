@@ -458,6 +458,7 @@ fn opts(max_inflight: usize) -> ClientOptions {
     ClientOptions {
         max_inflight,
         connect_timeout: Duration::from_secs(10),
+        ..ClientOptions::default()
     }
 }
 

@@ -86,6 +86,12 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 
+    /// Microseconds a drained TCP or Unix connection of small samples (up to
+    /// 8 KiB) polls its socket before it sleeps: less latency per round trip
+    /// for some CPU while waiting. 0 turns it off.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    busy_poll_us: u64,
+
     /// Exit 0 after N batches.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_batches: Option<u64>,
@@ -194,6 +200,7 @@ async fn run(args: Args, tty: bool) -> Result<ExitCode, String> {
     let server = Server::builder(spec)
         .batch_size(args.batch_size as usize)
         .num_buffers(args.num_buffers as usize)
+        .busy_poll(Duration::from_micros(args.busy_poll_us))
         .registry(echo::registry())
         .build()
         .map_err(|e| e.to_string())?;
