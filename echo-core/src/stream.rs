@@ -713,17 +713,7 @@ impl StreamClient {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let direct = spec.payload_size() >= DIRECT_WRITE_MIN;
-        Self::connect_with(
-            Plain(reader),
-            writer,
-            spec,
-            options,
-            send_hello,
-            peer,
-            direct,
-        )
-        .await
+        Self::connect_socket(Plain(reader), writer, spec, options, send_hello, peer).await
     }
 
     /// [`connect`](Self::connect) for a socket whose read half can be read
