@@ -11,10 +11,10 @@
 //! threads: some CPU while waiting, for less latency.
 //!
 //! Only streams of small payloads poll (at most [`MAX_PAYLOAD`] bytes). The
-//! cost is bounded three ways: a poll lasts at most the budget; a stream
-//! whose poll found nothing polls again only after 2, 4, ... up to
-//! [`MAX_SKIP`] waits without one (so a stream that is quiet between samples
-//! costs almost nothing); and streams only poll while the process has at most
+//! cost is bounded three ways: a poll lasts at most the budget; after each
+//! poll that finds nothing a stream skips polling for the next 1, 2, 4, ... up
+//! to [`MAX_SKIP`] waits (so a stream that is quiet between samples costs
+//! almost nothing); and streams only poll while the process has at most
 //! half as many of them open as it has CPUs (at least one). With more streams
 //! than that the CPUs have other work to do while a stream waits, and polling
 //! would take time from it (measured: 20-30 % fewer samples/s with 4 and 16
@@ -33,7 +33,7 @@ pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 /// Streams of larger payloads do not poll. A window of small payloads is bound
 /// by the round trip; one of larger ones by bandwidth and CPU, where a poll
 /// only reads the bytes in smaller pieces than a wake-up would (measured on 2
-/// CPUs with 32 payloads in flight: 2x the samples/s at 20 B to 4 KiB, none at
+/// CPUs with 32 payloads in flight: about 2x the samples/s at 20 B to 4 KiB, none at
 /// 16 KiB).
 pub const MAX_PAYLOAD: usize = 8 * 1024;
 
