@@ -41,13 +41,33 @@ pub const MAX_PAYLOAD: usize = 8 * 1024;
 /// waits.
 pub const MAX_SKIP: u32 = 64;
 
+/// Budgets above this are capped: a poll does not look at shutdown signals, so
+/// its budget bounds how long it can delay one.
+pub const MAX_BUDGET: Duration = Duration::from_secs(1);
+
 static POLLS: AtomicU64 = AtomicU64::new(0);
 static FOUND: AtomicU64 = AtomicU64::new(0);
+static WAITED: AtomicU64 = AtomicU64::new(0);
 
-/// Polls so far in this process, and how many of them found bytes (for
-/// diagnostics and tests).
-pub fn counts() -> (u64, u64) {
-    (POLLS.load(Ordering::Relaxed), FOUND.load(Ordering::Relaxed))
+/// What the process's streams have polled so far (for diagnostics and tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Polls started.
+    pub polls: u64,
+    /// Polls that found bytes.
+    pub found: u64,
+    /// Polls that found bytes after at least one attempt that found none: the
+    /// wake-ups polling saved.
+    pub found_after_waiting: u64,
+}
+
+/// The process's poll counts so far.
+pub fn counts() -> Counts {
+    Counts {
+        polls: POLLS.load(Ordering::Relaxed),
+        found: FOUND.load(Ordering::Relaxed),
+        found_after_waiting: WAITED.load(Ordering::Relaxed),
+    }
 }
 
 /// Open streams that may poll, in this process.
@@ -86,6 +106,7 @@ impl BusyPoll {
     }
 
     fn counted(budget: Duration, streams: &'static AtomicUsize, max: usize) -> BusyPoll {
+        let budget = budget.min(MAX_BUDGET);
         if !budget.is_zero() {
             streams.fetch_add(1, Ordering::Relaxed);
         }
@@ -139,9 +160,13 @@ pub(crate) struct Poll<'a> {
 }
 
 impl Poll<'_> {
-    /// The attempt found bytes: this stream keeps polling at every wait.
-    pub(crate) fn found(mut self) {
+    /// An attempt found bytes (`waited`: after attempts that found none): this
+    /// stream keeps polling at every wait.
+    pub(crate) fn found(mut self, waited: bool) {
         self.found = true;
+        if waited {
+            WAITED.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether the budget allows another attempt.
@@ -203,12 +228,22 @@ mod tests {
         while b.skip > 0 {
             assert!(b.start().is_none());
         }
-        b.start().expect("polls after the skipped waits").found();
+        b.start()
+            .expect("polls after the skipped waits")
+            .found(false);
         for _ in 0..5 {
             b.start()
                 .expect("a stream that found bytes keeps polling")
-                .found();
+                .found(false);
         }
+    }
+
+    #[test]
+    fn budgets_are_capped() {
+        let b = stream(Duration::MAX);
+        assert_eq!(b.budget, MAX_BUDGET);
+        let mut b = stream(Duration::MAX);
+        assert!(b.start().expect("polling").more());
     }
 
     #[test]
@@ -232,13 +267,15 @@ mod tests {
             2,
             "a stream with polling off is not counted"
         );
-        a.start().expect("two streams open, two may poll").found();
+        a.start()
+            .expect("two streams open, two may poll")
+            .found(false);
         let mut c = BusyPoll::counted(us, &COUNT, 2);
         assert!(a.start().is_none() && b.start().is_none() && c.start().is_none());
         // Misses are not counted while over the cap: no back-off builds up.
         assert_eq!((a.skip, b.skip, c.skip), (0, 0, 0));
         c.disable();
-        b.start().expect("back at the cap").found();
+        b.start().expect("back at the cap").found(false);
         drop(b);
         assert_eq!(COUNT.load(Ordering::Relaxed), 1);
         drop((a, c, off));

@@ -40,7 +40,8 @@ pub struct Limits {
     /// it waits for the next bytes (default 50 µs; zero turns it off). It
     /// applies to streams that can be read without waiting (TCP and Unix
     /// sockets), payloads of at most [`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD)
-    /// bytes, and processes with few such streams open; see [`busy`](crate::busy).
+    /// bytes, and processes with few such streams open; capped at
+    /// [`busy::MAX_BUDGET`](crate::busy::MAX_BUDGET); see [`busy`](crate::busy).
     pub busy_poll: Duration,
 }
 

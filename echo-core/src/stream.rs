@@ -263,30 +263,37 @@ async fn busy_recv<R: DirectRecv>(
     buf: &mut [u8],
 ) -> Option<io::Result<usize>> {
     const YIELD_EVERY: std::time::Duration = std::time::Duration::from_micros(5);
-    let mut got = None;
-    let mut last_yield = std::time::Instant::now() - YIELD_EVERY;
-    if let Some(poll) = busy.start() {
-        loop {
-            got = try_recv(reader, buf);
-            if got.is_some() || !poll.more() {
-                break;
-            }
-            if last_yield.elapsed() < YIELD_EVERY {
-                std::hint::spin_loop();
-            } else {
+    let poll = busy.start()?;
+    let mut attempts = 0u32;
+    let mut last_yield: Option<std::time::Instant> = None;
+    let got = loop {
+        attempts = attempts.saturating_add(1);
+        if let Some(r) = try_recv(reader, buf) {
+            break Some(r);
+        }
+        if !poll.more() {
+            break None;
+        }
+        match last_yield {
+            Some(t) if t.elapsed() < YIELD_EVERY => std::hint::spin_loop(),
+            _ => {
                 tokio::task::yield_now().await;
-                last_yield = std::time::Instant::now();
+                last_yield = Some(std::time::Instant::now());
             }
         }
-        if got.is_some() {
-            poll.found();
+    };
+    match got {
+        Some(Err(e)) if e.kind() == io::ErrorKind::Unsupported => {
+            drop(poll);
+            busy.disable();
+            None
         }
+        Some(r) => {
+            poll.found(attempts > 1);
+            Some(r)
+        }
+        None => None,
     }
-    if matches!(&got, Some(Err(e)) if e.kind() == io::ErrorKind::Unsupported) {
-        busy.disable();
-        got = None;
-    }
-    got
 }
 
 /// Serves wire v1 on one stream: optional client hello, the handshake, then

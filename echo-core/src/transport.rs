@@ -46,7 +46,8 @@ pub struct ClientOptions {
     /// How long a client waiting for acks polls its socket before it parks
     /// (default 50 µs; zero turns it off). TCP and Unix clients use it, for
     /// payloads of at most [`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD) bytes
-    /// and in processes with few such streams open; see [`busy`](crate::busy).
+    /// and in processes with few such streams open; capped at
+    /// [`busy::MAX_BUDGET`](crate::busy::MAX_BUDGET); see [`busy`](crate::busy).
     pub busy_poll: Duration,
 }
 
