@@ -91,7 +91,8 @@ impl TcpClient {
                     .map_err(|e| connect_error(url, e))?;
                 rest.connect_timeout = left(deadline);
                 let (r, w) = stream.into_split();
-                StreamClient::connect_socket(SocketReader(r), w, spec, &rest, false, name).await?
+                StreamClient::connect_socket(SocketReader::client(r), w, spec, &rest, false, name)
+                    .await?
             }
             "unix" => {
                 let path = unix_path(url)?;
@@ -101,7 +102,8 @@ impl TcpClient {
                     .map_err(|e| connect_error(url, e))?;
                 rest.connect_timeout = left(deadline);
                 let (r, w) = stream.into_split();
-                StreamClient::connect_socket(SocketReader(r), w, spec, &rest, false, name).await?
+                StreamClient::connect_socket(SocketReader::client(r), w, spec, &rest, false, name)
+                    .await?
             }
             other => {
                 return Err(Error::Url {

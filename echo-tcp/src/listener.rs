@@ -66,37 +66,36 @@ impl Drop for Slot {
     }
 }
 
-/// A read half that holds its listener slot for as long as the connection is served.
+/// A socket's read half: on a server it holds its listener slot for as long as
+/// the connection is served; on either side it can be read without waiting
+/// (for direct receives and busy polling, [`DirectRecv`]).
 #[derive(Debug)]
-pub(crate) struct SlotReader<R> {
+pub(crate) struct SocketReader<R> {
     inner: R,
-    _slot: Slot,
+    _slot: Option<Slot>,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for SlotReader<R> {
+impl<R> SocketReader<R> {
+    /// A client's read half (no listener slot).
+    pub(crate) fn client(inner: R) -> Self {
+        SocketReader { inner, _slot: None }
+    }
+
+    fn served(inner: R, slot: Slot) -> Self {
+        SocketReader {
+            inner,
+            _slot: Some(slot),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for SocketReader<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-/// The socket under a read half.
-pub(crate) trait SocketFd {
-    fn socket_fd(&self) -> RawFd;
-}
-
-impl SocketFd for tcp::OwnedReadHalf {
-    fn socket_fd(&self) -> RawFd {
-        self.as_ref().as_raw_fd()
-    }
-}
-
-impl SocketFd for unix::OwnedReadHalf {
-    fn socket_fd(&self) -> RawFd {
-        self.as_ref().as_raw_fd()
     }
 }
 
@@ -112,26 +111,6 @@ fn recv_now(fd: RawFd, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
-}
-
-/// A client's read half: reads without waiting, for busy polling.
-#[derive(Debug)]
-pub(crate) struct SocketReader<R>(pub(crate) R);
-
-impl<R: AsyncRead + Unpin> AsyncRead for SocketReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<R: SocketFd> DirectRecv for SocketReader<R> {
-    fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        recv_now(self.0.socket_fd(), bufs)
-    }
 }
 
 /// Bytes in a socket's receive queue (`FIONREAD`, i.e. `SIOCINQ`).
@@ -155,7 +134,7 @@ fn queued_bytes(fd: RawFd) -> io::Result<usize> {
 /// Unix sockets do not: their readiness ignores the low-water mark, and the
 /// peer's send buffer, not ours, bounds what can be queued, which may be less
 /// than a payload.
-impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
+impl DirectRecv for SocketReader<tcp::OwnedReadHalf> {
     fn set_low_water(&self, bytes: usize) -> io::Result<Option<usize>> {
         let fd = self.inner.as_ref().as_raw_fd();
         let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
@@ -209,7 +188,7 @@ impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
     }
 
     fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        recv_now(self.inner.socket_fd(), bufs)
+        recv_now(self.inner.as_ref().as_raw_fd(), bufs)
     }
 
     async fn readable(&self) -> io::Result<bool> {
@@ -220,9 +199,9 @@ impl DirectRecv for SlotReader<tcp::OwnedReadHalf> {
 
 /// Unix sockets are only read without waiting for busy polling; see the TCP
 /// implementation for why they receive nothing directly.
-impl DirectRecv for SlotReader<unix::OwnedReadHalf> {
+impl DirectRecv for SocketReader<unix::OwnedReadHalf> {
     fn recv_now(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        recv_now(self.inner.socket_fd(), bufs)
+        recv_now(self.inner.as_ref().as_raw_fd(), bufs)
     }
 }
 
@@ -233,7 +212,7 @@ pub(crate) struct TcpAccept {
 
 #[async_trait]
 impl Accept for TcpAccept {
-    type Reader = SlotReader<tcp::OwnedReadHalf>;
+    type Reader = SocketReader<tcp::OwnedReadHalf>;
     type Writer = tcp::OwnedWriteHalf;
 
     async fn accept(&mut self) -> io::Result<(Self::Reader, Self::Writer, String)> {
@@ -249,14 +228,7 @@ impl Accept for TcpAccept {
                 tracing::debug!("tcp {peer}: TCP_NODELAY: {e}");
             }
             let (r, w) = stream.into_split();
-            return Ok((
-                SlotReader {
-                    inner: r,
-                    _slot: slot,
-                },
-                w,
-                peer,
-            ));
+            return Ok((SocketReader::served(r, slot), w, peer));
         }
     }
 }
@@ -270,7 +242,7 @@ pub(crate) struct UnixAccept {
 
 #[async_trait]
 impl Accept for UnixAccept {
-    type Reader = SlotReader<unix::OwnedReadHalf>;
+    type Reader = SocketReader<unix::OwnedReadHalf>;
     type Writer = unix::OwnedWriteHalf;
 
     async fn accept(&mut self) -> io::Result<(Self::Reader, Self::Writer, String)> {
@@ -283,14 +255,7 @@ impl Accept for UnixAccept {
                 continue;
             };
             let (r, w) = stream.into_split();
-            return Ok((
-                SlotReader {
-                    inner: r,
-                    _slot: slot,
-                },
-                w,
-                peer,
-            ));
+            return Ok((SocketReader::served(r, slot), w, peer));
         }
     }
 }
