@@ -119,8 +119,8 @@ impl BusyPoll {
         }
     }
 
-    /// Turns polling off for good (the stream cannot be read without waiting).
-    pub(crate) fn disable(&mut self) {
+    /// Turns polling off for good, and stops counting this stream.
+    fn disable(&mut self) {
         if !self.budget.is_zero() {
             self.budget = Duration::ZERO;
             self.streams.fetch_sub(1, Ordering::Relaxed);

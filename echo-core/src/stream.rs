@@ -282,18 +282,10 @@ async fn busy_recv<R: DirectRecv>(
             }
         }
     };
-    match got {
-        Some(Err(e)) if e.kind() == io::ErrorKind::Unsupported => {
-            drop(poll);
-            busy.disable();
-            None
-        }
-        Some(r) => {
-            poll.found(attempts > 1);
-            Some(r)
-        }
-        None => None,
+    if got.is_some() {
+        poll.found(attempts > 1);
     }
+    got
 }
 
 /// Serves wire v1 on one stream: optional client hello, the handshake, then
