@@ -135,11 +135,7 @@ fn replacing_quic_clients_keeps_the_clients_memory_bounded() {
 #[cfg(feature = "quic")]
 async fn run_churn() {
     let spec = kit_spec(SIZE);
-    let server = Server::builder(spec.clone())
-        .batch_size(16)
-        .registry(echo::registry())
-        .build()
-        .unwrap();
+    let server = server_for(&spec);
     let listened = server.listen("quic://127.0.0.1:0").await.unwrap();
     let sep = if listened.contains('?') { '&' } else { '?' };
     let url = format!("{listened}{sep}loopback_mtu=0");
@@ -540,13 +536,19 @@ fn killed_clients(test_name: &str, bind: &str) {
     runtime().block_on(within(60, "the fault test", run_killed(test_name, bind)));
 }
 
-async fn run_killed(test_name: &str, bind: &str) {
-    let spec = kit_spec(SIZE);
-    let server = Server::builder(spec.clone())
+/// The server the churn and killed-client tests serve: batches of 16, every
+/// compiled-in transport.
+fn server_for(spec: &Spec) -> Server {
+    Server::builder(spec.clone())
         .batch_size(16)
         .registry(echo::registry())
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+async fn run_killed(test_name: &str, bind: &str) {
+    let spec = kit_spec(SIZE);
+    let server = server_for(&spec);
     let url = server.listen(bind).await.unwrap();
     let consumer = spawn_consumer(&server);
     // In-process clients 0 and 1 send until every child is dead (at least 200
