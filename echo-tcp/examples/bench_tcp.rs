@@ -213,11 +213,16 @@ fn run_floor_sink(payload: usize, max_inflight: usize) {
     });
 }
 
-fn start_floor(payload: usize, max_inflight: usize) -> Proc {
+/// This example re-executed as the server process `role`.
+fn role_cmd(role: &str) -> Command {
     let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.args(["--role", role]);
+    cmd
+}
+
+fn start_floor(payload: usize, max_inflight: usize) -> Proc {
+    let mut cmd = role_cmd("floor-sink");
     cmd.args([
-        "--role",
-        "floor-sink",
         "--payload",
         &payload.to_string(),
         "--max-inflight",
@@ -409,10 +414,8 @@ fn bench_script() -> std::path::PathBuf {
 }
 
 fn start_ours(payload: usize, drainers: usize) -> Proc {
-    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    let mut cmd = role_cmd("sink");
     cmd.args([
-        "--role",
-        "sink",
         "--payload",
         &payload.to_string(),
         "--drainers",
@@ -434,8 +437,7 @@ fn start_id_echo(payload: usize) -> Proc {
 }
 
 fn start_raw(lowat: bool) -> Proc {
-    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
-    cmd.args(["--role", "raw-sink"]);
+    let mut cmd = role_cmd("raw-sink");
     if lowat {
         cmd.arg("--lowat");
     }
