@@ -119,6 +119,12 @@ impl BusyPoll {
         }
     }
 
+    /// The budget per wait (zero: polling is off).
+    #[cfg(test)]
+    pub(crate) fn budget(&self) -> Duration {
+        self.budget
+    }
+
     /// Turns polling off for good, and stops counting this stream.
     fn disable(&mut self) {
         if !self.budget.is_zero() {

@@ -107,6 +107,16 @@ pub trait DirectRecv {
     fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
         async { Ok(true) }
     }
+
+    /// Whether busy polling ([`recv_now`](Self::recv_now) in a loop before
+    /// parking) can find bytes sooner than a wake-up would (default `true`).
+    /// A socket's bytes are delivered by the kernel, on another CPU; a stream
+    /// whose bytes are delivered by other tasks of this process (a protocol
+    /// stack in user space, like QUIC's) answers `false`: a spinning reader
+    /// would only take CPU time from the task that delivers them.
+    fn worth_polling(&self) -> bool {
+        true
+    }
 }
 
 /// How long part of a payload may sit in the receive queue, while a connection
@@ -224,15 +234,16 @@ impl<W: AsyncWrite + Unpin> Acks<W> {
 }
 
 /// Busy polling for `reader`, with `budget` per wait if its payloads are small
-/// enough ([`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD)) and it supports
-/// reads without waiting ([`DirectRecv::recv_now`], probed with no buffers).
+/// enough ([`busy::MAX_PAYLOAD`](crate::busy::MAX_PAYLOAD)), it supports
+/// reads without waiting ([`DirectRecv::recv_now`], probed with no buffers) and
+/// polling it is worth it ([`DirectRecv::worth_polling`]).
 fn busy_poll_for<R: DirectRecv>(
     reader: &R,
     payload_size: usize,
     budget: std::time::Duration,
 ) -> BusyPoll {
-    let unsupported =
-        matches!(reader.recv_now(&mut []), Err(e) if e.kind() == io::ErrorKind::Unsupported);
+    let unsupported = !reader.worth_polling()
+        || matches!(reader.recv_now(&mut []), Err(e) if e.kind() == io::ErrorKind::Unsupported);
     BusyPoll::new(if unsupported || payload_size > crate::busy::MAX_PAYLOAD {
         std::time::Duration::ZERO
     } else {
@@ -1083,6 +1094,8 @@ mod tests {
         recv_now_calls: usize,
         buffered_bytes: usize,
         waker: Option<Waker>,
+        /// Answer `false` to `worth_polling`.
+        not_worth_polling: bool,
     }
 
     impl Queue {
@@ -1178,6 +1191,10 @@ mod tests {
             }
             q.direct_bytes += total;
             Ok(total)
+        }
+
+        fn worth_polling(&self) -> bool {
+            !self.q().not_worth_polling
         }
 
         fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
@@ -1479,5 +1496,15 @@ mod tests {
             (q.direct_bytes, q.buffered_bytes)
         };
         assert_eq!(buffered + direct, first.len() + second.len());
+    }
+
+    #[test]
+    fn streams_not_worth_polling_get_no_budget() {
+        let second = std::time::Duration::from_secs(1);
+        let mock = Mock::default();
+        assert_eq!(busy_poll_for(&mock, 64, second).budget(), second);
+        assert!(busy_poll_for(&mock, 64 * 1024, second).budget().is_zero());
+        mock.q().not_worth_polling = true;
+        assert!(busy_poll_for(&mock, 64, second).budget().is_zero());
     }
 }
