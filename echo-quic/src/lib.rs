@@ -28,6 +28,7 @@
 
 mod client;
 mod config;
+mod recv;
 mod send;
 mod server;
 mod tls;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use echo_core::ingress::ShutdownSignal;
-use echo_core::stream::{serve_stream, Stopper, StreamEnd};
+use echo_core::stream::{serve_stream_direct, Stopper, StreamEnd};
 use echo_core::transport::{host_port, query_param};
 use echo_core::{Error, Ingress, Result, Transport, TransportFactory, Url};
 use quinn::crypto::rustls::QuicServerConfig;
@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
 use crate::config::{Peer, Tuning};
+use crate::recv::QuicReader;
 use crate::tls;
 
 /// Application error code: a stream or connection the server refused (a limit).
@@ -356,7 +357,7 @@ async fn serve_connection(
                         Ok(c) => {
                             let stop = stop.clone();
                             streams.spawn(async move {
-                                match serve_stream(recv, send, c, true, stop).await {
+                                match serve_stream_direct(QuicReader::new(recv), send, c, true, stop).await {
                                     Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
                                         "quic {peer}: closed mid-payload, {discarded} bytes discarded"
                                     ),

@@ -37,7 +37,11 @@ fn options(max_inflight: usize) -> ClientOptions {
 }
 
 async fn server(query: &str, batch: usize) -> (Server, String) {
-    let server = Server::builder(spec())
+    server_of(SIZE, query, batch).await
+}
+
+async fn server_of(size: usize, query: &str, batch: usize) -> (Server, String) {
+    let server = Server::builder(spec_of(size))
         .batch_size(batch)
         .registry(registry())
         .build()
@@ -179,8 +183,19 @@ async fn a_stalled_stream_does_not_stall_the_client_with_large_payloads() {
 
 #[tokio::test]
 async fn a_stalled_stream_does_not_stall_its_connection_on_the_server() {
+    stalled_stream_on_server_case(SIZE).await;
+}
+
+#[tokio::test]
+async fn a_stream_stalled_mid_payload_does_not_stall_its_connection_on_the_server() {
+    // Large payloads: the server waits for whole ones before reserving store
+    // slots (core's direct receive over the stream's look-ahead queue).
+    stalled_stream_on_server_case(200_000).await;
+}
+
+async fn stalled_stream_on_server_case(size: usize) {
     bounded(async {
-        let (server, url) = server("", 10).await;
+        let (server, url) = server_of(size, "", 10).await;
         let (_endpoint, conn) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
         // Stream A: hello, handshake, then half a payload, and silence (kept open).
         let (mut a_send, mut a_recv) = conn.open_bi().await.unwrap();
@@ -188,11 +203,11 @@ async fn a_stalled_stream_does_not_stall_its_connection_on_the_server() {
             .write_all(&echo_core::wire::CLIENT_HELLO)
             .await
             .unwrap();
-        let hs = echo_core::wire::handshake_bytes(&spec().wire());
+        let hs = echo_core::wire::handshake_bytes(&spec_of(size).wire());
         let mut got = vec![0u8; hs.len()];
         a_recv.read_exact(&mut got).await.unwrap();
         assert_eq!(got, hs);
-        a_send.write_all(&[200u8; SIZE / 2]).await.unwrap();
+        a_send.write_all(&vec![200u8; size / 2]).await.unwrap();
         // Stream B: a bad hello; the server closes that stream only.
         let (mut b_send, mut b_recv) = conn.open_bi().await.unwrap();
         b_send.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
@@ -207,18 +222,29 @@ async fn a_stalled_stream_does_not_stall_its_connection_on_the_server() {
         let mut clients = Vec::new();
         for id in [1u8, 2] {
             let (send, recv) = conn.open_bi().await.unwrap();
-            let c = StreamClient::connect(recv, send, &spec(), &options(8), true, format!("s{id}"))
-                .await
-                .unwrap();
+            let c = StreamClient::connect(
+                recv,
+                send,
+                &spec_of(size),
+                &options(8),
+                true,
+                format!("s{id}"),
+            )
+            .await
+            .unwrap();
             clients.push((id, c));
         }
-        for (id, c) in &mut clients {
-            for _ in 0..50 {
-                c.send(&[*id; SIZE]).await.unwrap();
+        // Batches are taken while the clients send: the store holds fewer
+        // than 100 large samples.
+        let send_all = async {
+            for (id, c) in &mut clients {
+                for _ in 0..50 {
+                    c.send(&vec![*id; size]).await.unwrap();
+                }
+                c.wait().await.unwrap();
             }
-            c.wait().await.unwrap();
-        }
-        let got = collect(&server, 100).await;
+        };
+        let ((), got) = tokio::join!(send_all, collect(&server, 100));
         assert_eq!(got.iter().filter(|&&b| b == 1).count(), 50);
         assert_eq!(got.iter().filter(|&&b| b == 2).count(), 50);
         for (_, c) in &mut clients {
