@@ -9,7 +9,20 @@
 //! ```
 //!
 //! Each transport's server runs in its own process (this binary with `--role
-//! server`), consuming batches as fast as it can. The load generator is this
+//! server`), consuming batches as fast as it can.
+//!
+//! The `floor` target is not a transport: a bare encrypted UDP pipe, the least
+//! any QUIC stack on UDP sockets must do per byte (copy each piece of the
+//! payload into a datagram, seal it with AES-128-GCM, send it; receive, open,
+//! copy into a ring) with none of QUIC's protocol work (no acknowledgement
+//! frames, loss recovery, congestion control, stream framing or async
+//! runtime; the receiver returns one small credit datagram per 8 packets so the
+//! sender never overruns its socket buffer). One blocking sender thread per
+//! client, one receiver thread per client in the server process. `floor` sends
+//! datagrams of 65,000 bytes (about the most loopback carries), `floor:N` of N
+//! bytes (header and tag included; `floor:32768` matches our QUIC's loopback
+//! packets). Measured only for payloads of at least one datagram: it is a
+//! floor for the cost per byte, and has no cost per sample. The load generator is this
 //! process: N clients on a 2-thread Tokio runtime, each sending one pre-built
 //! payload with `max_inflight` unacknowledged (for QUIC: in total over its
 //! streams), for a fixed time, then waiting for every ack. A rate is
@@ -48,9 +61,14 @@ struct Args {
     /// Unacknowledged payloads per client.
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
-    /// What to measure: tcp, quic1 (one stream per client), quic4 (four); any
-    /// quicN may carry `:QUERY` for both ends, e.g. `quic1:cc=bbr`.
-    #[arg(long, value_delimiter = ',', default_value = "tcp,quic1,quic4")]
+    /// What to measure: tcp, quic1 (one stream per client), quic4 (four),
+    /// floor[:PACKET] (the encrypted UDP pipe, see above); any quicN may carry
+    /// `:QUERY` for both ends, e.g. `quic1:cc=bbr`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tcp,floor,floor:32768,quic1,quic4"
+    )]
     targets: Vec<String>,
     /// Extra query parameters for the QUIC server URL (e.g. `stream_window=4194304`).
     #[arg(long, default_value = "")]
@@ -296,6 +314,20 @@ fn target_urls(target: &str, args: &Args) -> (String, String, String) {
     if target == "tcp" {
         return (target.into(), "tcp://127.0.0.1:0".into(), String::new());
     }
+    if let Some(rest) = target.strip_prefix("floor") {
+        let packet = match rest.strip_prefix(':') {
+            Some(p) => p.parse().ok(),
+            None if rest.is_empty() => Some(floor::DEFAULT_PACKET),
+            None => None,
+        };
+        let packet = packet
+            .filter(|p| (floor::HEADER + floor::TAG + 1..=65_507).contains(p))
+            .unwrap_or_else(|| {
+                panic!("{target:?}: expected floor or floor:PACKET, PACKET in 25..=65507")
+            });
+        let url = format!("floor://127.0.0.1:0?packet={packet}");
+        return (target.into(), url, String::new());
+    }
     let (name, extra) = target.split_once(':').unwrap_or((target, ""));
     let streams: usize = name
         .strip_prefix("quic")
@@ -330,6 +362,9 @@ fn measure(
     secs: f64,
     target: &str,
 ) -> Cell {
+    if target.starts_with("floor") {
+        return floor::measure(server_url, payload, clients, secs);
+    }
     let server = Proc::start(server_url, payload);
     let sep = if server.url.contains('?') { '&' } else { '?' };
     let url = if client_extra.is_empty() {
@@ -364,7 +399,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Some(url) = &args.role {
-        run_server(url, args.payload);
+        if url.starts_with("floor://") {
+            floor::receive(url, args.payload);
+        } else {
+            run_server(url, args.payload);
+        }
         return;
     }
     let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
@@ -388,8 +427,13 @@ fn main() {
             "sizes must be multiples of 4, >= 8"
         );
         for &clients in &args.clients {
-            let targets: Vec<(String, String, String)> =
-                args.targets.iter().map(|t| target_urls(t, &args)).collect();
+            // The floor only for payloads of at least one datagram.
+            let targets: Vec<(String, String, String)> = args
+                .targets
+                .iter()
+                .map(|t| target_urls(t, &args))
+                .filter(|(t, url, _)| !t.starts_with("floor") || payload >= floor::packet_of(url))
+                .collect();
             // Interleaved: every target once per round, so drifting load from
             // other work on the machine hits them alike; each column is the
             // median over the rounds.
@@ -440,6 +484,235 @@ fn main() {
                 );
                 std::io::stdout().flush().ok();
             }
+        }
+    }
+}
+
+/// The `floor` target: an encrypted UDP pipe without QUIC (see the top of this
+/// file). Datagram: an 8-byte packet number (the nonce, and the associated
+/// data), the sealed piece, the 16-byte tag.
+mod floor {
+    use std::io::Read;
+    use std::net::{SocketAddr, UdpSocket};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+
+    use super::{usage, Cell, Proc, Usage};
+
+    pub(crate) const HEADER: usize = 8;
+    pub(crate) const TAG: usize = 16;
+    /// About the largest datagram loopback carries.
+    pub(crate) const DEFAULT_PACKET: usize = 65_000;
+    /// Bytes a sender may have out beyond the last credit (kept well below
+    /// what the receiver's socket buffer holds, so nothing is dropped).
+    const WINDOW: u64 = 2 << 20;
+    /// The receiver credits every this many packets.
+    const CREDIT_EVERY: u64 = 8;
+    const SOCKET_BUFFER: usize = 4 << 20;
+
+    fn key() -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[0x5a; 16]).expect("AES-128 key"))
+    }
+
+    fn nonce(pn: u64) -> Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&pn.to_be_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    fn socket() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let v = SOCKET_BUFFER as libc::c_int;
+            for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+                // SAFETY: both options take a c_int; the pointer and length describe `v`.
+                unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&v as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
+        }
+        s
+    }
+
+    /// The server role: `floor://127.0.0.1:0?packet=P&n=N` binds N sockets, one
+    /// thread each, prints `URL floor://ADDR,ADDR,...`, receives until stdin
+    /// closes, then prints `SAMPLES n` (whole payloads' worth of bytes).
+    pub(crate) fn receive(url: &str, payload: usize) {
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse::<usize>().ok())
+        };
+        let packet = param("packet").expect("packet=");
+        let n = param("n").unwrap_or(1).max(1);
+        let sockets: Vec<UdpSocket> = (0..n).map(|_| socket()).collect();
+        let addrs: Vec<String> = sockets
+            .iter()
+            .map(|s| s.local_addr().expect("address").to_string())
+            .collect();
+        println!("URL floor://{}", addrs.join(","));
+        let stop = AtomicBool::new(false);
+        let bytes = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for s in &sockets {
+                let (stop, bytes, n) = (&stop, &bytes, n);
+                scope.spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_millis(50))).ok();
+                    let key = key();
+                    // The batch ring's stand-in: 64 MiB in all, written in
+                    // turn, so the copies land in memory as cold as a store's.
+                    let mut ring = vec![0u8; ((64 << 20) / n).max(payload)];
+                    let mut at = 0;
+                    let mut buf = vec![0u8; packet];
+                    let mut got = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok((len, from)) = s.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        if len < HEADER + TAG {
+                            // The sender's last word: everything before it
+                            // (one socket's datagrams stay in order) is in.
+                            s.send_to(&got.to_be_bytes(), from).ok();
+                            continue;
+                        }
+                        let (head, body) = buf[..len].split_at_mut(HEADER);
+                        let pn = u64::from_be_bytes(head[..].try_into().expect("8 bytes"));
+                        let plain = key
+                            .open_in_place(nonce(pn), Aad::from(&head[..]), body)
+                            .expect("a floor datagram that does not open");
+                        let k = plain.len();
+                        if at + k > ring.len() {
+                            at = 0;
+                        }
+                        ring[at..at + k].copy_from_slice(plain);
+                        at += k;
+                        bytes.fetch_add(k as u64, Ordering::Relaxed);
+                        got += 1;
+                        if got % CREDIT_EVERY == 0 {
+                            s.send_to(&got.to_be_bytes(), from).ok();
+                        }
+                    }
+                });
+            }
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            stop.store(true, Ordering::Relaxed);
+        });
+        println!(
+            "SAMPLES {}",
+            bytes.load(Ordering::Relaxed) / payload.max(1) as u64
+        );
+    }
+
+    /// One sender: whole payloads for `secs`, then a short datagram, which the
+    /// receiver answers with a credit for everything it received. Returns
+    /// payloads sent.
+    fn send(to: SocketAddr, payload: usize, packet: usize, secs: f64) -> u64 {
+        let s = socket();
+        s.connect(to).expect("connect UDP");
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok();
+        let key = key();
+        let data = vec![7u8; payload];
+        let piece = packet - HEADER - TAG;
+        let window = (WINDOW / packet as u64).max(CREDIT_EVERY * 2);
+        let mut buf = vec![0u8; packet];
+        let (mut pn, mut credited) = (0u64, 0u64);
+        // False when no credit came within a second (datagrams were lost).
+        let credit = |credited: &mut u64| {
+            let mut c = [0u8; 8];
+            match s.recv(&mut c) {
+                Ok(8) => *credited = (*credited).max(u64::from_be_bytes(c)),
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            true
+        };
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let mut sent = 0;
+        while Instant::now() < deadline {
+            for part in data.chunks(piece) {
+                while pn - credited >= window {
+                    if !credit(&mut credited) {
+                        eprintln!("floor: no credit from the receiver within 1 s");
+                        return sent;
+                    }
+                }
+                buf[..HEADER].copy_from_slice(&pn.to_be_bytes());
+                let (head, rest) = buf.split_at_mut(HEADER);
+                rest[..part.len()].copy_from_slice(part);
+                let tag = key
+                    .seal_in_place_separate_tag(
+                        nonce(pn),
+                        Aad::from(&head[..]),
+                        &mut rest[..part.len()],
+                    )
+                    .expect("seal");
+                rest[part.len()..part.len() + TAG].copy_from_slice(tag.as_ref());
+                s.send(&buf[..HEADER + part.len() + TAG]).expect("send UDP");
+                pn += 1;
+            }
+            sent += 1;
+        }
+        s.send(&[0]).expect("send UDP");
+        while credited < pn && credit(&mut credited) {}
+        sent
+    }
+
+    /// The datagram size in a `floor://` URL.
+    pub(crate) fn packet_of(url: &str) -> usize {
+        url.rsplit_once("packet=")
+            .and_then(|(_, v)| v.split('&').next()?.parse().ok())
+            .expect("packet=")
+    }
+
+    /// One measurement of the floor with `clients` sender threads.
+    pub(crate) fn measure(server_url: &str, payload: usize, clients: usize, secs: f64) -> Cell {
+        let server = Proc::start(&format!("{server_url}&n={clients}"), payload);
+        let addrs: Vec<SocketAddr> = server
+            .url
+            .strip_prefix("floor://")
+            .expect("floor URL")
+            .split(',')
+            .map(|a| a.parse().expect("floor address"))
+            .collect();
+        let packet = packet_of(server_url);
+        let (s0, c0) = (server.usage(), usage("self"));
+        let start = Instant::now();
+        let sent: u64 = std::thread::scope(|scope| {
+            let threads: Vec<_> = addrs
+                .iter()
+                .map(|&a| scope.spawn(move || send(a, payload, packet, secs)))
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("sender")).sum()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        let (s1, c1) = (server.usage(), usage("self"));
+        let received = server.stop();
+        if received < sent {
+            eprintln!("floor: {sent} payloads sent, {received} received (datagrams lost)");
+        }
+        Cell {
+            samples: sent.min(received),
+            secs,
+            server: Usage {
+                cpu: s1.cpu - s0.cpu,
+                faults: s1.faults - s0.faults,
+            },
+            client: Usage {
+                cpu: c1.cpu - c0.cpu,
+                faults: c1.faults - c0.faults,
+            },
         }
     }
 }
