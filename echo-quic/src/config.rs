@@ -35,7 +35,9 @@ pub struct Tuning {
     pub stream_window: u64,
     /// Bytes a peer may send on all streams of a connection ahead of the reader
     /// (`conn_window`, default 16 MiB): the most a connection's unread data can
-    /// occupy at the receiver.
+    /// occupy at the receiver. A server also takes up to one payload per
+    /// stream out of this window while it waits for a whole one (payloads of
+    /// 64 KiB or more, which are received straight into the store).
     pub conn_window: u64,
     /// Bytes of application writes a sender keeps until they are acknowledged
     /// (`send_window`, default 16 MiB). A client also keeps up to this many

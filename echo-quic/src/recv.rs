@@ -19,10 +19,11 @@ use quinn::RecvStream;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Chunks shorter than this are copied into a shared buffer instead of being
-/// kept: a kept chunk pins the whole received datagram (up to 64 KiB) it
-/// points into, so a peer sending tiny stream frames could otherwise make a
-/// small queue hold a great deal of memory. At this size a kept chunk pins at
-/// most four times its length.
+/// kept: a kept chunk pins the whole buffer quinn received it in (one receive
+/// call's worth, about 64 KiB at most on loopback and with receive offload),
+/// so a peer sending tiny stream frames could otherwise make a small queue
+/// hold a great deal of memory. At this size a kept chunk pins a few times
+/// its length at most.
 const KEEP_MIN: usize = 16 * 1024;
 
 /// A quinn receive stream that [`DirectRecv`] can look ahead into.
