@@ -28,10 +28,10 @@ const KEEP_MIN: usize = 16 * 1024;
 
 /// A quinn receive stream that [`DirectRecv`] can look ahead into.
 ///
-/// The queue only grows while the stream driver waits for a whole payload
-/// (up to its low-water mark, at most one payload plus one chunk); taking
-/// chunks out of quinn hands their flow-control credit back to the peer, so
-/// the queue is bounded by the mark and not by quinn's stream window.
+/// The queue only grows while the stream driver waits for a whole payload,
+/// and only up to its low-water mark (one payload): taking bytes out of quinn
+/// hands their flow-control credit back to the peer, so the queue is bounded
+/// by the mark, not by quinn's stream window.
 pub(crate) struct QuicReader {
     inner: Mutex<Inner>,
 }
@@ -135,14 +135,19 @@ impl Inner {
         self.eof || self.failed.is_some()
     }
 
-    /// One attempt to take the next chunk out of quinn: `Ready` once something
-    /// changed (a chunk, the end, an error).
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// One attempt to take the next chunk out of quinn, but no more than the
+    /// queue needs to hold `want` bytes: `Ready` once something changed (a
+    /// chunk, the end, an error). quinn may hand out one chunk of everything
+    /// it buffered (it merges small chunks when they pile up): asking for
+    /// only what is missing leaves the rest in quinn, inside its flow-control
+    /// window, so the queue never holds more than `want`.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<()> {
         if self.ended() {
             return Poll::Ready(());
         }
+        let max = want.saturating_sub(self.queue.len()).max(1);
         let polled = {
-            let read = self.stream.read_chunk(usize::MAX, true);
+            let read = self.stream.read_chunk(max, true);
             std::pin::pin!(read).poll(cx)
         };
         match polled {
@@ -158,7 +163,9 @@ impl Inner {
     fn fill_now(&mut self, want: usize) {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        while self.queue.len() < want && self.poll_chunk(&mut cx).is_ready() && !self.ended() {}
+        while self.queue.len() < want && self.poll_chunk(&mut cx, want).is_ready() && !self.ended()
+        {
+        }
     }
 
     /// What a read finds once the queue is empty: the end (0), the error, or
@@ -223,7 +230,7 @@ impl DirectRecv for QuicReader {
         }
         let mut inner = self.lock();
         if inner.queue.len() == 0 {
-            inner.fill_now(1);
+            inner.fill_now(bufs.iter().map(|b| b.len()).sum());
         }
         match inner.queue.copy_out(bufs) {
             0 => inner.after_queue(),
@@ -248,7 +255,8 @@ impl DirectRecv for QuicReader {
                 if inner.ended() {
                     return Poll::Ready(Ok(true));
                 }
-                if inner.poll_chunk(cx).is_pending() {
+                let want = inner.low_water;
+                if inner.poll_chunk(cx, want).is_pending() {
                     return Poll::Pending;
                 }
             }
@@ -322,6 +330,31 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// Pushes and reads interleaved, as the stream driver does them.
+        #[test]
+        fn interleaved_pushes_and_reads_keep_order(
+            steps in proptest::collection::vec(
+                (prop_oneof![1usize..3000, 15_000usize..40_000], 0usize..50_000), 1..40),
+        ) {
+            let total: usize = steps.iter().map(|s| s.0).sum();
+            let data = pattern(total);
+            let (mut q, mut at, mut out) = (ChunkQueue::default(), 0, Vec::new());
+            for (push, read) in steps {
+                q.push(Bytes::copy_from_slice(&data[at..at + push]));
+                at += push;
+                let mut buf = vec![0u8; read];
+                let n = q.copy_out(&mut [IoSliceMut::new(&mut buf)]);
+                out.extend_from_slice(&buf[..n]);
+                prop_assert_eq!(out.len() + q.len(), at);
+            }
+            let mut rest = vec![0u8; q.len()];
+            q.copy_out(&mut [IoSliceMut::new(&mut rest)]);
+            out.extend_from_slice(&rest);
+            prop_assert!(out == data, "bytes reordered or lost");
+        }
+    }
+
     /// A connected pair: the client's send stream and the server's receive
     /// stream of one bidirectional stream (with its endpoints and connections).
     async fn stream_pair() -> (SendStream, QuicReader, impl Drop) {
@@ -360,7 +393,9 @@ mod tests {
         (send, QuicReader::new(srecv), keep)
     }
 
+    /// Reads `n` bytes with `recv_now`, waking on any byte (mark 1).
     async fn recv_all(r: &QuicReader, n: usize) -> Vec<u8> {
+        r.set_low_water(1).unwrap();
         let mut out = vec![0u8; n];
         let mut at = 0;
         while at < n {
@@ -422,6 +457,26 @@ mod tests {
             reader.recv_now(&mut [IoSliceMut::new(&mut got)]).unwrap(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn the_look_ahead_takes_no_more_than_its_mark() {
+        let (mut send, reader, _keep) = stream_pair().await;
+        // Within quinn's default stream window, so all of it can arrive.
+        let data = pattern(1_000_000);
+        send.write_all(&data).await.unwrap();
+        for mark in [300_001, 500_003] {
+            reader.set_low_water(mark).unwrap();
+            timeout(Duration::from_secs(10), reader.readable())
+                .await
+                .expect("woke at the mark")
+                .unwrap();
+            // Exactly the mark: the rest stays in quinn, inside its window.
+            assert_eq!(reader.queued(0, false).unwrap(), mark);
+        }
+        assert_eq!(reader.queued(700_000, true).unwrap(), 700_000);
+        let got = recv_all(&reader, data.len()).await;
+        assert!(got == data);
     }
 
     #[tokio::test]
