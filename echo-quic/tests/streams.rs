@@ -195,7 +195,7 @@ async fn a_stream_stalled_mid_payload_does_not_stall_its_connection_on_the_serve
 
 async fn stalled_stream_on_server_case(size: usize) {
     bounded(async {
-        let (server, url) = server_of(size, "", 10).await;
+        let (server, url) = server_of(size, "", 1).await;
         let (_endpoint, conn) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
         // Stream A: hello, handshake, then half a payload, and silence (kept open).
         let (mut a_send, mut a_recv) = conn.open_bi().await.unwrap();
@@ -207,7 +207,8 @@ async fn stalled_stream_on_server_case(size: usize) {
         let mut got = vec![0u8; hs.len()];
         a_recv.read_exact(&mut got).await.unwrap();
         assert_eq!(got, hs);
-        a_send.write_all(&vec![200u8; size / 2]).await.unwrap();
+        let a_payload = numbered(1_000_000, size);
+        a_send.write_all(&a_payload[..size / 2]).await.unwrap();
         // Stream B: a bad hello; the server closes that stream only.
         let (mut b_send, mut b_recv) = conn.open_bi().await.unwrap();
         b_send.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
@@ -220,7 +221,7 @@ async fn stalled_stream_on_server_case(size: usize) {
         );
         // Streams C and D on the same connection deliver everything.
         let mut clients = Vec::new();
-        for id in [1u8, 2] {
+        for id in [1u32, 2] {
             let (send, recv) = conn.open_bi().await.unwrap();
             let c = StreamClient::connect(
                 recv,
@@ -238,19 +239,35 @@ async fn stalled_stream_on_server_case(size: usize) {
         // than 100 large samples.
         let send_all = async {
             for (id, c) in &mut clients {
-                for _ in 0..50 {
-                    c.send(&vec![*id; size]).await.unwrap();
+                for k in 0..50 {
+                    c.send(&numbered(*id * 1000 + k, size)).await.unwrap();
                 }
                 c.wait().await.unwrap();
             }
         };
-        let ((), got) = tokio::join!(send_all, collect(&server, 100));
-        assert_eq!(got.iter().filter(|&&b| b == 1).count(), 50);
-        assert_eq!(got.iter().filter(|&&b| b == 2).count(), 50);
+        let ((), got) = tokio::join!(send_all, collect_payloads(&server, 100));
+        let mut next = [1000, 2000];
+        for p in &got {
+            let i = u32::from_le_bytes(p[..4].try_into().unwrap());
+            let s = (i / 1000) as usize - 1;
+            assert!(s < 2 && i == next[s], "sample {i} out of order or unknown");
+            assert!(*p == numbered(i, size), "sample {i} corrupted");
+            next[s] += 1;
+        }
+        assert_eq!(next, [1050, 2050]);
         for (_, c) in &mut clients {
             c.close().await.unwrap();
         }
-        // Shutdown is not held up by the stalled stream; its partial payload never arrives.
+        // Stream A resumes: its payload arrives whole.
+        a_send.write_all(&a_payload[size / 2..]).await.unwrap();
+        let got = collect_payloads(&server, 1).await;
+        assert!(
+            got[0] == a_payload,
+            "the stalled stream's payload corrupted"
+        );
+        // Stalled again mid-payload: shutdown is not held up, and the partial
+        // payload never arrives.
+        a_send.write_all(&a_payload[..size / 2]).await.unwrap();
         timeout(Duration::from_secs(15), server.shutdown())
             .await
             .unwrap()
@@ -260,6 +277,23 @@ async fn stalled_stream_on_server_case(size: usize) {
         }
     })
     .await;
+}
+
+/// The next `n` samples the server hands out, whole.
+async fn collect_payloads(server: &Server, n: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let b = timeout(Duration::from_secs(20), server.next_batch())
+            .await
+            .expect("batch in time")
+            .expect("a batch");
+        for k in 0..b.len() {
+            let mut p = Vec::new();
+            b.copy_sample(k, &mut p);
+            got.push(p);
+        }
+    }
+    got
 }
 
 #[tokio::test]
