@@ -219,7 +219,7 @@ impl Tuning {
     }
 
     /// The MTU discovery bound and whether to use GSO on a path to `peer`.
-    fn path(&self, peer: Peer) -> (u16, bool) {
+    pub(crate) fn path(&self, peer: Peer) -> (u16, bool) {
         match peer {
             Peer::Loopback if self.loopback_mtu != 0 => (
                 self.loopback_mtu,

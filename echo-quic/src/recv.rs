@@ -26,7 +26,17 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// its length at most.
 const KEEP_MIN: usize = 16 * 1024;
 
-/// A quinn receive stream that [`DirectRecv`] can look ahead into.
+/// Whether streams on a path whose packets may grow to `max_packet` bytes
+/// look ahead: only where most chunks can be kept. With smaller packets every
+/// chunk would be copied together first, which is the same number of copies
+/// as reading into the connection's buffer, plus allocations (measured with
+/// 6.5 KB packets: 13 % more server CPU per MiB than without the look-ahead).
+pub(crate) fn worth_looking_ahead(max_packet: u16) -> bool {
+    usize::from(max_packet) >= 2 * KEEP_MIN
+}
+
+/// A quinn receive stream that [`DirectRecv`] can look ahead into (or, made
+/// with `look_ahead` off, just quinn's stream).
 ///
 /// The queue only grows while the stream driver waits for a whole payload,
 /// and only up to its low-water mark (one payload): taking bytes out of quinn
@@ -34,6 +44,7 @@ const KEEP_MIN: usize = 16 * 1024;
 /// by the mark, not by quinn's stream window.
 pub(crate) struct QuicReader {
     inner: Mutex<Inner>,
+    look_ahead: bool,
 }
 
 struct Inner {
@@ -111,8 +122,9 @@ impl ChunkQueue {
 }
 
 impl QuicReader {
-    pub(crate) fn new(stream: RecvStream) -> Self {
+    pub(crate) fn new(stream: RecvStream, look_ahead: bool) -> Self {
         QuicReader {
+            look_ahead,
             inner: Mutex::new(Inner {
                 stream,
                 queue: ChunkQueue::default(),
@@ -208,8 +220,13 @@ impl AsyncRead for QuicReader {
 }
 
 impl DirectRecv for QuicReader {
-    /// Any mark is honoured: the queue is ours, not the kernel's.
+    /// Any mark is honoured (the queue is ours, not the kernel's), unless
+    /// the reader does not look ahead: then there is no mark, and no direct
+    /// receives.
     fn set_low_water(&self, bytes: usize) -> io::Result<Option<usize>> {
+        if !self.look_ahead {
+            return Ok(None);
+        }
         self.lock().low_water = bytes.max(1);
         Ok(Some(bytes))
     }
@@ -330,6 +347,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn only_paths_with_large_packets_look_ahead() {
+        assert!(worth_looking_ahead(32_768));
+        assert!(worth_looking_ahead(65_527));
+        assert!(!worth_looking_ahead(6_500));
+        assert!(!worth_looking_ahead(1_452));
+        assert!(!worth_looking_ahead(2 * KEEP_MIN as u16 - 1));
+    }
+
     proptest! {
         /// Pushes and reads interleaved, as the stream driver does them.
         #[test]
@@ -390,7 +416,7 @@ mod tests {
             Box::new(_recv),
             Box::new(_ssend),
         ]);
-        (send, QuicReader::new(srecv), keep)
+        (send, QuicReader::new(srecv, true), keep)
     }
 
     /// Reads `n` bytes with `recv_now`, waking on any byte (mark 1).

@@ -19,7 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
 use crate::config::{Peer, Tuning};
-use crate::recv::QuicReader;
+use crate::recv::{worth_looking_ahead, QuicReader};
 use crate::tls;
 
 /// Application error code: a stream or connection the server refused (a limit).
@@ -211,9 +211,14 @@ impl TransportFactory for QuicTransportFactory {
             }
         }
         let stopper = Stopper::default();
+        let look_ahead = LookAhead {
+            loopback: worth_looking_ahead(tuning.path(Peer::Loopback).0),
+            remote: worth_looking_ahead(tuning.path(Peer::Remote).0),
+        };
         let task = tokio::spawn(accept_loop(
             endpoint.clone(),
             loopback_config,
+            look_ahead,
             ingress,
             stopper.signal(),
             max_conns,
@@ -270,9 +275,17 @@ async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
     }
 }
 
+/// Whether served streams look ahead ([`QuicReader`]), by the kind of peer.
+#[derive(Debug, Clone, Copy)]
+struct LookAhead {
+    loopback: bool,
+    remote: bool,
+}
+
 async fn accept_loop(
     endpoint: Endpoint,
     loopback_config: Arc<quinn::ServerConfig>,
+    look_ahead: LookAhead,
     ingress: Ingress,
     mut stop: ShutdownSignal,
     max_conns: usize,
@@ -289,9 +302,12 @@ async fn accept_loop(
                 None => break,
                 Some(incoming) => match slots.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let config = (Peer::of(incoming.remote_address().ip()) == Peer::Loopback)
-                            .then(|| loopback_config.clone());
-                        conns.spawn(serve_connection(incoming, config, permit, ingress.clone(), stop.clone()));
+                        let loopback = Peer::of(incoming.remote_address().ip()) == Peer::Loopback;
+                        let config = loopback.then(|| loopback_config.clone());
+                        let look_ahead = if loopback { look_ahead.loopback } else { look_ahead.remote };
+                        conns.spawn(serve_connection(
+                            incoming, config, look_ahead, permit, ingress.clone(), stop.clone(),
+                        ));
                     }
                     Err(_) => {
                         counters.connections_refused.fetch_add(1, Relaxed);
@@ -310,10 +326,11 @@ async fn accept_loop(
 }
 
 /// Serves one connection; `config` replaces the endpoint's server config (for
-/// loopback peers).
+/// loopback peers); `look_ahead` for its streams' [`QuicReader`]s.
 async fn serve_connection(
     incoming: Incoming,
     config: Option<Arc<quinn::ServerConfig>>,
+    look_ahead: bool,
     _slot: OwnedSemaphorePermit,
     ingress: Ingress,
     mut stop: ShutdownSignal,
@@ -357,7 +374,7 @@ async fn serve_connection(
                         Ok(c) => {
                             let stop = stop.clone();
                             streams.spawn(async move {
-                                match serve_stream_direct(QuicReader::new(recv), send, c, true, stop).await {
+                                match serve_stream_direct(QuicReader::new(recv, look_ahead), send, c, true, stop).await {
                                     Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
                                         "quic {peer}: closed mid-payload, {discarded} bytes discarded"
                                     ),
