@@ -53,20 +53,13 @@ async fn server_of(size: usize, query: &str, batch: usize) -> (Server, String) {
     (server, url)
 }
 
+/// The first byte of each of the next `n` samples the server hands out.
 async fn collect(server: &Server, n: usize) -> Vec<u8> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        let b = timeout(Duration::from_secs(20), server.next_batch())
-            .await
-            .expect("batch in time")
-            .expect("a batch");
-        for k in 0..b.len() {
-            let mut p = Vec::new();
-            b.copy_sample(k, &mut p);
-            got.push(p[0]);
-        }
-    }
-    got
+    collect_payloads(server, n)
+        .await
+        .iter()
+        .map(|p| p[0])
+        .collect()
 }
 
 /// A stand-in server whose first stream completes the handshake and then never
