@@ -549,27 +549,17 @@ async fn large_payloads_arrive_intact_on_loopback_and_gso_paths() {
                 client
             });
             let mut seen = vec![false; N as usize];
-            let mut got = 0;
-            while got < N as usize {
-                let b = timeout(Duration::from_secs(30), server.next_batch())
-                    .await
-                    .expect("batch in time")
-                    .expect("a batch");
-                for k in 0..b.len() {
-                    let mut p = Vec::new();
-                    b.copy_sample(k, &mut p);
-                    let i = u32::from_le_bytes(p[..4].try_into().unwrap());
-                    assert!(
-                        i < N && !seen[i as usize],
-                        "{query} x{streams}: sample {i} again"
-                    );
-                    assert!(
-                        p == numbered(i, BIG),
-                        "{query} x{streams}: sample {i} corrupted"
-                    );
-                    seen[i as usize] = true;
-                    got += 1;
-                }
+            for p in collect_payloads(&server, N as usize).await {
+                let i = u32::from_le_bytes(p[..4].try_into().unwrap());
+                assert!(
+                    i < N && !seen[i as usize],
+                    "{query} x{streams}: sample {i} again"
+                );
+                assert!(
+                    p == numbered(i, BIG),
+                    "{query} x{streams}: sample {i} corrupted"
+                );
+                seen[i as usize] = true;
             }
             let mut client = sender.await.unwrap();
             client.close().await.unwrap();
