@@ -14,7 +14,9 @@
 //! * Each client-opened bidirectional stream carries wire v1: the client's hello
 //!   (a QUIC stream is invisible to the server until the client writes), the
 //!   server's handshake, raw payloads and one-byte acks, served by
-//!   [`echo_core::stream::serve_stream`] like TCP. A client may spread samples
+//!   [`echo_core::stream::serve_stream_direct`] like TCP: on loopback, payloads
+//!   of 64 KiB or more go from quinn's decrypted chunks straight into the
+//!   store once a whole one has arrived. A client may spread samples
 //!   over several streams of one connection; each stream has its own flow
 //!   control, so a stalled stream does not stall the others. `max_inflight` is
 //!   per client, split over its streams.
