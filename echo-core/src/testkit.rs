@@ -16,7 +16,8 @@
 //!    clients get `ConnectionClosed` instead of hanging.
 //!
 //! [`decoders`] holds the property checks for the decoders of untrusted bytes,
-//! shared by echo-core's property tests and the cargo-fuzz targets.
+//! shared by echo-core's property tests and the cargo-fuzz targets; [`bench`]
+//! what the benchmark programs share.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -30,6 +31,7 @@ use crate::transport::{Client, ClientOptions};
 use crate::wire::{self, Decoded, HandshakeDecoder, CLIENT_HELLO};
 use crate::{Error, Registry, Result, Server};
 
+pub mod bench;
 pub mod decoders;
 
 /// What the kit needs to know about a transport.

@@ -27,13 +27,14 @@
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`, batches of `clamp(8 MiB / P, 4, 256)` samples (as echo-tcp's bench).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use echo_core::{Client, ClientOptions, DType, Leaf, Registry, Server, Spec, Url};
+use echo_core::testkit::bench;
+use echo_core::{Client, ClientOptions, Registry, Server, Url};
 use echo_grpc::GrpcClient;
 
 #[derive(Parser, Debug, Clone)]
@@ -72,22 +73,6 @@ struct Args {
     payload: usize,
 }
 
-fn spec_for(payload: usize) -> Spec {
-    assert!(
-        payload % 4 == 0 && payload >= 8,
-        "payload sizes must be multiples of 4 and at least 8, got {payload}"
-    );
-    Spec::new(vec![
-        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
-        Leaf::new("reward", vec![], DType::Float32),
-    ])
-    .expect("valid spec")
-}
-
-fn batch_for(payload: usize) -> usize {
-    ((8 << 20) / payload).clamp(4, 256)
-}
-
 fn registry() -> Registry {
     let mut r = Registry::with_core();
     echo_tcp::register(&mut r).expect("tcp");
@@ -97,43 +82,11 @@ fn registry() -> Registry {
 
 /// A server process: prints `PORT p`, consumes until stdin closes, prints `SAMPLES n`.
 fn run_sink(url: &str, payload: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let server = Server::builder(spec_for(payload))
-            .batch_size(batch_for(payload))
-            .registry(registry())
-            .build()
-            .expect("server");
-        let bound = server.listen(url).await.expect("listen");
-        let port = bound.rsplit(':').next().unwrap_or("0").to_string();
-        println!("PORT {port}");
-        std::io::stdout().flush().ok();
-        let consumer = {
-            let server = server.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while let Some(b) = server.next_batch_blocking() {
-                    n += b.len() as u64;
-                }
-                n
-            })
-        };
-        tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-        })
-        .await
-        .ok();
-        server.shutdown().await.ok();
-        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
-            .await
-            .unwrap_or(0);
-        println!("SAMPLES {n}");
-    });
+    let builder = Server::builder(bench::spec(payload))
+        .batch_size(bench::batch_size(payload))
+        .registry(registry());
+    let port = |u: &str| format!("PORT {}", u.rsplit(':').next().unwrap_or("0"));
+    bench::server_process(builder, url, port, |n| n.whole + n.partial);
 }
 
 struct Sink {
@@ -236,7 +189,7 @@ impl Rate {
 }
 
 async fn load(url: &str, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
-    let spec = spec_for(payload);
+    let spec = bench::spec(payload);
     let opts = ClientOptions {
         max_inflight,
         connect_timeout: Duration::from_secs(10),
@@ -431,7 +384,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for &payload in &args.sizes {
-        spec_for(payload);
+        bench::spec(payload);
         for &clients in &args.clients {
             // rates[target][round]
             let mut rates: Vec<Vec<Rate>> = vec![Vec::new(); args.targets.len()];

@@ -34,12 +34,13 @@
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use echo_core::{ClientOptions, DType, Leaf, Registry, Server, Spec};
+use echo_core::testkit::bench::{self, usage, Usage};
+use echo_core::{ClientOptions, Registry, Server};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "echo-quic vs echo-tcp on loopback")]
@@ -90,18 +91,6 @@ struct Args {
     payload: usize,
 }
 
-fn spec_for(payload: usize) -> Spec {
-    Spec::new(vec![
-        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
-        Leaf::new("reward", vec![], DType::Float32),
-    ])
-    .expect("spec")
-}
-
-fn batch_for(payload: usize) -> usize {
-    ((8 << 20) / payload).clamp(4, 256)
-}
-
 fn registry() -> Registry {
     let mut r = Registry::new();
     echo_tcp::register(&mut r).expect("tcp");
@@ -112,41 +101,15 @@ fn registry() -> Registry {
 /// A server process: prints `URL u`, consumes batches until stdin closes,
 /// prints `SAMPLES n`.
 fn run_server(url: &str, payload: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let server = Server::builder(spec_for(payload))
-            .batch_size(batch_for(payload))
-            .registry(registry())
-            .build()
-            .expect("server");
-        let url = server.listen(url).await.expect("listen");
-        println!("URL {url}");
-        std::io::stdout().flush().ok();
-        let consumer = {
-            let server = server.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while let Some(b) = server.next_batch_blocking() {
-                    n += b.len() as u64;
-                }
-                n
-            })
-        };
-        tokio::task::spawn_blocking(|| {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        })
-        .await
-        .ok();
-        server.shutdown().await.ok();
-        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
-            .await
-            .unwrap_or(0);
-        println!("SAMPLES {n}");
-    });
+    let builder = Server::builder(bench::spec(payload))
+        .batch_size(bench::batch_size(payload))
+        .registry(registry());
+    bench::server_process(
+        builder,
+        url,
+        |u| format!("URL {u}"),
+        |n| n.whole + n.partial,
+    );
 }
 
 struct Proc {
@@ -202,30 +165,6 @@ impl Proc {
     }
 }
 
-/// CPU time and page faults of a process so far.
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    /// User + system CPU seconds.
-    cpu: f64,
-    /// Minor page faults.
-    faults: f64,
-}
-
-/// A process's (`self` or a pid) usage, from /proc.
-fn usage(pid: &str) -> Usage {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Usage::default();
-    };
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields 10 (minflt), 14 and 15 (utime, stime) are at 7, 11 and 12 after the name.
-    Usage {
-        cpu: (num(11) + num(12)) / 100.0,
-        faults: num(7),
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 struct Cell {
     samples: u64,
@@ -235,7 +174,7 @@ struct Cell {
 }
 
 async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, secs: f64) -> Cell {
-    let spec = spec_for(payload);
+    let spec = bench::spec(payload);
     let reg = registry();
     let opts = ClientOptions {
         max_inflight: args.max_inflight,
@@ -376,18 +315,14 @@ fn measure(
     };
     let (s0, c0) = (server.usage(), usage("self"));
     let mut cell = rt.block_on(run_clients(&url, payload, clients, args, secs));
-    let (s1, c1) = (server.usage(), usage("self"));
-    cell.server = Usage {
-        cpu: s1.cpu - s0.cpu,
-        faults: s1.faults - s0.faults,
-    };
-    cell.client = Usage {
-        cpu: c1.cpu - c0.cpu,
-        faults: c1.faults - c0.faults,
-    };
+    cell.server = server.usage() - s0;
+    cell.client = usage("self") - c0;
     let consumed = server.stop();
     assert!(
-        consumed >= cell.samples.saturating_sub(batch_for(payload) as u64),
+        consumed
+            >= cell
+                .samples
+                .saturating_sub(bench::batch_size(payload) as u64),
         "{target}: server consumed {consumed} of {} acknowledged",
         cell.samples
     );
@@ -501,7 +436,7 @@ mod floor {
 
     use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 
-    use super::{usage, Cell, Proc, Usage};
+    use super::{usage, Cell, Proc};
 
     pub(crate) const HEADER: usize = 8;
     pub(crate) const TAG: usize = 16;
@@ -730,7 +665,7 @@ mod floor {
             threads.into_iter().map(|t| t.join().expect("sender")).sum()
         });
         let secs = start.elapsed().as_secs_f64();
-        let (s1, c1) = (server.usage(), usage("self"));
+        let (server_used, client_used) = (server.usage() - s0, usage("self") - c0);
         let received = server.stop();
         // A lost datagram stalls its sender for a second: no rate then.
         let samples = if received < sent {
@@ -745,14 +680,8 @@ mod floor {
         Cell {
             samples,
             secs,
-            server: Usage {
-                cpu: s1.cpu - s0.cpu,
-                faults: s1.faults - s0.faults,
-            },
-            client: Usage {
-                cpu: c1.cpu - c0.cpu,
-                faults: c1.faults - c0.faults,
-            },
+            server: server_used,
+            client: client_used,
         }
     }
 }

@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use echo_core::{ClientOptions, DType, Leaf, Server, Spec};
+use echo_core::testkit::bench::{self, usage};
+use echo_core::{ClientOptions, Server};
 use echo_tcp::TcpClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -79,69 +80,19 @@ struct Args {
     payload: usize,
 }
 
-fn spec_for(payload: usize) -> Spec {
-    assert!(
-        payload % 4 == 0 && payload >= 8,
-        "payload sizes must be multiples of 4 and at least 8, got {payload}"
-    );
-    Spec::new(vec![
-        Leaf::new("obs", vec![(payload / 4 - 1) as u32], DType::Float32),
-        Leaf::new("reward", vec![], DType::Float32),
-    ])
-    .expect("valid spec")
-}
-
-/// Samples per batch, the same for both servers: at most 256 and about 8 MiB.
-fn batch_for(payload: usize) -> usize {
-    ((8 << 20) / payload).clamp(4, 256)
-}
-
 // ---------------------------------------------------------------------------
 // Server processes
 // ---------------------------------------------------------------------------
 
-/// Our server: prints `PORT p`, consumes batches until stdin closes, prints `SAMPLES n`.
+/// Our server: prints `PORT p`, consumes batches until stdin closes, prints
+/// `SAMPLES n` (samples in whole batches).
 fn run_sink(args: &Args) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let spec = spec_for(args.payload);
-        let server = Server::builder(spec)
-            .batch_size(batch_for(args.payload))
-            .drainers(args.drainers)
-            .registry(echo_tcp::registry())
-            .build()
-            .expect("server");
-        let url = server.listen("tcp://127.0.0.1:0").await.expect("listen");
-        println!("PORT {}", url.rsplit(':').next().unwrap_or("0"));
-        std::io::stdout().flush().ok();
-        let consumer = {
-            let server = server.clone();
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while let Some(b) = server.next_batch_blocking() {
-                    if !b.is_partial() {
-                        n += b.len() as u64;
-                    }
-                }
-                n
-            })
-        };
-        tokio::task::spawn_blocking(|| {
-            let mut sink = Vec::new();
-            let _ = std::io::stdin().read_to_end(&mut sink);
-        })
-        .await
-        .ok();
-        server.shutdown().await.ok();
-        let n = tokio::task::spawn_blocking(move || consumer.join().unwrap_or(0))
-            .await
-            .unwrap_or(0);
-        println!("SAMPLES {n}");
-    });
+    let builder = Server::builder(bench::spec(args.payload))
+        .batch_size(bench::batch_size(args.payload))
+        .drainers(args.drainers)
+        .registry(echo_tcp::registry());
+    let port = |u: &str| format!("PORT {}", u.rsplit(':').next().unwrap_or("0"));
+    bench::server_process(builder, "tcp://127.0.0.1:0", port, |n| n.whole);
 }
 
 /// Sets `SO_RCVLOWAT`, as our server does for payloads of `ps` bytes: first to
@@ -348,32 +299,15 @@ impl Proc {
     }
 }
 
-/// CPU time (user + system) a process has used so far, in seconds (Linux).
-fn cpu_secs(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which may contain spaces), counted from field 3.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Measures `f`'s rate along with the CPU the server process and this process used.
 fn measured(server: &Proc, f: impl FnOnce() -> Rate) -> Measured {
     let pid = server.child.id().to_string();
-    let (s0, c0) = (cpu_secs(&pid), cpu_secs("self"));
+    let (s0, c0) = (usage(&pid), usage("self"));
     let rate = f();
-    let (s1, c1) = (cpu_secs(&pid), cpu_secs("self"));
     Measured {
         rate,
-        server_cpu: s1 - s0,
-        client_cpu: c1 - c0,
+        server_cpu: (usage(&pid) - s0).cpu,
+        client_cpu: (usage("self") - c0).cpu,
     }
 }
 
@@ -431,7 +365,7 @@ fn start_id_echo(payload: usize) -> Proc {
         "--payload",
         &payload.to_string(),
         "--batch-size",
-        &batch_for(payload).to_string(),
+        &bench::batch_size(payload).to_string(),
     ]);
     Proc::start("id-echo server", cmd)
 }
@@ -501,7 +435,7 @@ async fn wait_acked(c: &mut TcpClient) {
 
 /// N of our `TcpClient`s against `port`, each sending for `secs` after a warm-up.
 async fn load(port: u16, payload: usize, clients: usize, secs: f64, max_inflight: usize) -> Rate {
-    let spec = spec_for(payload);
+    let spec = bench::spec(payload);
     let url = format!("tcp://127.0.0.1:{port}");
     let opts = ClientOptions {
         max_inflight,
@@ -759,7 +693,7 @@ fn main() {
         );
     }
     for &p in &args.sizes {
-        spec_for(p);
+        bench::spec(p);
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
