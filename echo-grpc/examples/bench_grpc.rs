@@ -27,9 +27,8 @@
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`, batches of `clamp(8 MiB / P, 4, 256)` samples (as echo-tcp's bench).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -89,66 +88,31 @@ fn run_sink(url: &str, payload: usize) {
     bench::server_process(builder, url, port, |n| n.whole + n.partial);
 }
 
-struct Sink {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-}
+/// A server process (this binary with `--role sink`).
+struct Sink(bench::Process);
 
 impl Sink {
     fn start(url: &str, payload: usize) -> (Sink, u16) {
-        let mut child = Command::new(std::env::current_exe().expect("own path"))
-            .args([
-                "--role",
-                "sink",
-                "--url",
-                url,
-                "--payload",
-                &payload.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sink");
-        let stdin = child.stdin.take();
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut sink = Sink {
-            child,
-            stdin,
-            lines,
-        };
-        let port = sink.line("PORT ").parse().expect("port");
-        (sink, port)
-    }
-
-    fn line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix(prefix) {
-                        return rest.trim().to_string();
-                    }
-                }
-                Err(_) => panic!("sink printed no {prefix:?} line"),
-            }
-        }
+        let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+        cmd.args([
+            "--role",
+            "sink",
+            "--url",
+            url,
+            "--payload",
+            &payload.to_string(),
+        ]);
+        let mut sink = bench::Process::start("sink", cmd);
+        let port = sink
+            .expect("PORT ", Duration::from_secs(60))
+            .parse()
+            .expect("port");
+        (Sink(sink), port)
     }
 
     /// Closes stdin and returns the samples the sink consumed.
-    fn stop(mut self) -> u64 {
-        drop(self.stdin.take());
-        let n = self.line("SAMPLES ").parse().unwrap_or(0);
-        let _ = self.child.wait();
-        n
+    fn stop(self) -> u64 {
+        self.0.stop().unwrap_or(0)
     }
 }
 

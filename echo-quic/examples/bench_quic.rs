@@ -34,8 +34,8 @@
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::Write;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -112,56 +112,28 @@ fn run_server(url: &str, payload: usize) {
     );
 }
 
+/// A server process (this binary with `--role URL`) and the URL it bound.
 struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    out: BufReader<std::process::ChildStdout>,
+    process: bench::Process,
     url: String,
 }
 
 impl Proc {
     fn start(url: &str, payload: usize) -> Proc {
-        let exe = std::env::current_exe().expect("current exe");
-        let mut child = Command::new(exe)
-            .args(["--role", url, "--payload", &payload.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("server process");
-        let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("server URL");
-        let url = line
-            .strip_prefix("URL ")
-            .unwrap_or_else(|| panic!("server said {line:?}"))
-            .trim()
-            .to_string();
-        Proc {
-            child,
-            stdin,
-            out,
-            url,
-        }
+        let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+        cmd.args(["--role", url, "--payload", &payload.to_string()]);
+        let mut process = bench::Process::start("server", cmd);
+        let url = process.expect("URL ", Duration::from_secs(60));
+        Proc { process, url }
     }
 
     /// Closes the server's stdin and returns how many samples it consumed.
-    fn stop(mut self) -> u64 {
-        drop(self.stdin.take());
-        let mut line = String::new();
-        let mut n = 0;
-        while self.out.read_line(&mut line).unwrap_or(0) > 0 {
-            if let Some(v) = line.trim().strip_prefix("SAMPLES ") {
-                n = v.parse().unwrap_or(0);
-            }
-            line.clear();
-        }
-        let _ = self.child.wait();
-        n
+    fn stop(self) -> u64 {
+        self.process.stop().unwrap_or(0)
     }
 
     fn usage(&self) -> Usage {
-        usage(&self.child.id().to_string())
+        self.process.usage()
     }
 }
 

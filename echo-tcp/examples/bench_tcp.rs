@@ -20,9 +20,8 @@
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}` (id-echo's README example at P = 20).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,87 +220,31 @@ fn load_floor(port: u16, payload: usize, clients: usize, secs: f64, max_inflight
     Rate::since(t0, ends, payload)
 }
 
-/// A server in a child process.
+/// A process measured against (a server or a sink) and the port it listens on.
 struct Proc {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
+    process: bench::Process,
     port: u16,
 }
 
 impl Proc {
-    fn start(name: &str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let stdin = child.stdin.take();
-        let out = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = Proc {
-            name: name.to_string(),
-            child,
-            stdin,
-            lines,
-            port: 0,
-        };
-        let port = p.expect("PORT ", Duration::from_secs(60));
-        p.port = port.parse().expect("a port number");
-        p
-    }
-
-    fn expect(&mut self, prefix: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some(rest) = l.strip_prefix(prefix) {
-                        return rest.trim().to_string();
-                    }
-                }
-                Err(_) => panic!("{}: no {prefix:?} line within {limit:?}", self.name),
-            }
-        }
+    fn start(name: &str, cmd: Command) -> Proc {
+        let mut process = bench::Process::start(name, cmd);
+        let port = process
+            .expect("PORT ", Duration::from_secs(60))
+            .parse()
+            .expect("a port number");
+        Proc { process, port }
     }
 
     /// Closes stdin (the stop signal) and waits for the process.
-    fn stop(mut self) -> Option<u64> {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut samples = None;
-        while Instant::now() < deadline {
-            match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) => {
-                    if let Some(n) = l.strip_prefix("SAMPLES ") {
-                        samples = n.trim().parse().ok();
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-            }
-        }
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        samples
+    fn stop(self) -> Option<u64> {
+        self.process.stop()
     }
 }
 
 /// Measures `f`'s rate along with the CPU the server process and this process used.
 fn measured(server: &Proc, f: impl FnOnce() -> Rate) -> Measured {
-    let pid = server.child.id().to_string();
+    let pid = server.process.id().to_string();
     let (s0, c0) = (usage(&pid), usage("self"));
     let rate = f();
     Measured {

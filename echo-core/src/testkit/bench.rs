@@ -2,7 +2,10 @@
 //! their sample layout and batch size, the consuming loop of a server run as a
 //! process of its own, and a process's CPU time and page faults.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use crate::spec::{DType, Leaf, Spec};
 use crate::{Server, ServerBuilder};
@@ -98,6 +101,104 @@ pub fn server_process(
     });
 }
 
+/// A process a benchmark measures against (a server, or a sink): its standard
+/// output is read line by line on a thread of its own, and closing its
+/// standard input tells it to stop.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Process {
+    /// Starts `cmd` with piped standard input and output (standard error is
+    /// inherited).
+    ///
+    /// # Panics
+    /// If the process cannot be started (naming it).
+    pub fn start(name: &str, mut cmd: Command) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stdin = child.stdin.take();
+        let out = child.stdout.take().expect("a piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            name: name.to_string(),
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The rest of the next line that starts with `prefix` (trimmed), waiting
+    /// at most `limit`; other lines are skipped.
+    ///
+    /// # Panics
+    /// If no such line comes in time (naming the process and the prefix).
+    pub fn expect(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if let Some(rest) = l.strip_prefix(prefix) {
+                        return rest.trim().to_string();
+                    }
+                }
+                Err(_) => panic!("{}: no {prefix:?} line within {limit:?}", self.name),
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// This process's CPU time and page faults so far.
+    pub fn usage(&self) -> Usage {
+        usage(&self.id().to_string())
+    }
+
+    /// Closes standard input (the stop signal), waits for the process to end
+    /// (killing it after 30 s), and returns the `n` of the last `SAMPLES n`
+    /// line it printed, if any.
+    pub fn stop(mut self) -> Option<u64> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut samples = None;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    if let Some(n) = l.strip_prefix("SAMPLES ") {
+                        samples = n.trim().parse().ok();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        samples
+    }
+}
+
 /// CPU time and page faults of a process so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
@@ -154,6 +255,19 @@ mod tests {
         assert_eq!(batch_size(20), 256);
         assert_eq!(batch_size(1 << 20), 8);
         assert_eq!(batch_size(16 << 20), 4);
+    }
+
+    #[test]
+    fn a_process_is_read_by_line_and_stopped_by_closing_its_input() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo hello; echo PORT 4242; cat >/dev/null; echo SAMPLES 17",
+        ]);
+        let mut p = Process::start("sh", cmd);
+        assert_eq!(p.expect("PORT ", Duration::from_secs(10)), "4242");
+        assert!(p.usage().cpu >= 0.0);
+        assert_eq!(p.stop(), Some(17));
     }
 
     #[test]
