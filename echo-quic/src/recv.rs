@@ -4,7 +4,8 @@
 //! a TCP socket: wait until a whole payload is queued, reserve slots, copy the
 //! decrypted chunks into them. Without it every payload is copied twice on the
 //! server after decryption: out of quinn into the connection's receive buffer,
-//! then into the store.
+//! then into the store. Only paths with large packets look ahead (loopback by
+//! default, see [`worth_looking_ahead`]).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
