@@ -12,7 +12,7 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSliceMut};
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use echo_core::stream::DirectRecv;
@@ -98,10 +98,7 @@ impl ChunkQueue {
         for buf in bufs.iter_mut() {
             let mut at = 0;
             while at < buf.len() {
-                if self.chunks.is_empty() {
-                    if self.small.is_empty() {
-                        return copied;
-                    }
+                if self.chunks.is_empty() && !self.small.is_empty() {
                     self.keep_small();
                 }
                 let Some(src) = self.chunks.front_mut() else {
@@ -172,13 +169,19 @@ impl Inner {
         Poll::Ready(())
     }
 
-    /// Takes chunks out of quinn, without waiting, until `want` bytes are queued.
+    /// Takes chunks out of quinn until `want` bytes are queued or the stream
+    /// ended: `Pending` (with `cx` registered) while quinn has nothing more.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<()> {
+        while self.queue.len() < want && !self.ended() {
+            ready!(self.poll_chunk(cx, want));
+        }
+        Poll::Ready(())
+    }
+
+    /// [`poll_fill`](Self::poll_fill) without waiting.
     fn fill_now(&mut self, want: usize) {
         let waker = futures::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        while self.queue.len() < want && self.poll_chunk(&mut cx, want).is_ready() && !self.ended()
-        {
-        }
+        let _ = self.poll_fill(&mut Context::from_waker(&waker), want);
     }
 
     /// What a read finds once the queue is empty: the end (0), the error, or
@@ -266,18 +269,10 @@ impl DirectRecv for QuicReader {
     fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
         poll_fn(move |cx| {
             let mut inner = self.lock();
-            loop {
-                if inner.queue.len() >= inner.low_water {
-                    return Poll::Ready(Ok(false));
-                }
-                if inner.ended() {
-                    return Poll::Ready(Ok(true));
-                }
-                let want = inner.low_water;
-                if inner.poll_chunk(cx, want).is_pending() {
-                    return Poll::Pending;
-                }
-            }
+            let mark = inner.low_water;
+            ready!(inner.poll_fill(cx, mark));
+            // Short of the mark only once the stream ended.
+            Poll::Ready(Ok(inner.queue.len() < mark))
         })
     }
 }
