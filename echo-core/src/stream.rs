@@ -242,9 +242,10 @@ fn busy_poll_for<R: DirectRecv>(
     payload_size: usize,
     budget: std::time::Duration,
 ) -> BusyPoll {
-    let unsupported = !reader.worth_polling()
+    let off = !reader.worth_polling()
+        || payload_size > crate::busy::MAX_PAYLOAD
         || matches!(reader.recv_now(&mut []), Err(e) if e.kind() == io::ErrorKind::Unsupported);
-    BusyPoll::new(if unsupported || payload_size > crate::busy::MAX_PAYLOAD {
+    BusyPoll::new(if off {
         std::time::Duration::ZERO
     } else {
         budget
