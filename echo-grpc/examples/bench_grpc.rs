@@ -273,29 +273,6 @@ fn certs() -> Certs {
     }
 }
 
-fn size_name(p: usize) -> String {
-    if p >= 1 << 20 && p % (1 << 20) == 0 {
-        format!("{} MiB", p >> 20)
-    } else if p >= 1 << 10 && p % (1 << 10) == 0 {
-        format!("{} KiB", p >> 10)
-    } else {
-        format!("{p} B")
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn measure(
     rt: &tokio::runtime::Runtime,
     target: &str,
@@ -371,15 +348,14 @@ fn main() {
                 let per_sec: Vec<f64> = r.iter().map(|x| x.per_sec()).collect();
                 let lo = per_sec.iter().cloned().fold(f64::INFINITY, f64::min);
                 let hi = per_sec.iter().cloned().fold(0.0, f64::max);
-                let med = median(per_sec.clone());
+                let med = bench::median(per_sec.iter().copied());
                 let vs = match tcp {
                     Some(t) => {
                         let ratios = r
                             .iter()
                             .zip(&rates[t])
-                            .map(|(a, b)| a.per_sec() / b.per_sec())
-                            .collect();
-                        format!("{:.0} %", 100.0 * median(ratios))
+                            .map(|(a, b)| a.per_sec() / b.per_sec());
+                        format!("{:.0} %", 100.0 * bench::median(ratios))
                     }
                     None => "-".into(),
                 };
@@ -394,7 +370,7 @@ fn main() {
                 };
                 println!(
                     "| {} | {clients} | {target} | {med:.0} | {:.1} | {lo:.0}..{hi:.0} | {vs} | {packing} |",
-                    size_name(payload),
+                    bench::size_name(payload),
                     med * payload as f64 / 1e6,
                 );
             }

@@ -192,17 +192,6 @@ async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, sec
     }
 }
 
-/// The median of `values` (the mean of the middle two for an even count).
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 fn fmt_rate(samples: f64) -> String {
     if samples >= 1e6 {
         format!("{:.2} M/s", samples / 1e6)
@@ -210,14 +199,6 @@ fn fmt_rate(samples: f64) -> String {
         format!("{:.1} k/s", samples / 1e3)
     } else {
         format!("{samples:.0} /s")
-    }
-}
-
-fn fmt_size(b: usize) -> String {
-    match b {
-        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
-        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
-        b => format!("{b} B"),
     }
 }
 
@@ -366,14 +347,14 @@ fn main() {
             let tcp_rate = targets
                 .iter()
                 .position(|t| t.0 == "tcp")
-                .map(|k| median(runs[k].iter().map(rate)));
+                .map(|k| bench::median(runs[k].iter().map(rate)));
             for ((target, _, _), cells) in targets.iter().zip(&runs) {
-                let rate = median(cells.iter().map(rate));
+                let rate = bench::median(cells.iter().map(rate));
                 let vs = tcp_rate
                     .filter(|_| target != "tcp")
                     .map(|t| format!("{:.0} %", rate / t * 100.0))
                     .unwrap_or_default();
-                let col = |f: &dyn Fn(&Cell) -> f64| median(cells.iter().map(f));
+                let col = |f: &dyn Fn(&Cell) -> f64| bench::median(cells.iter().map(f));
                 let faults = if args.faults {
                     format!(
                         " {:.1} | {:.1} |",
@@ -385,7 +366,7 @@ fn main() {
                 };
                 println!(
                     "| {} | {clients} | {target} | {} | {:.1} | {vs} | {:.2} | {:.2} |{faults}",
-                    fmt_size(payload),
+                    bench::size_name(payload),
                     fmt_rate(rate),
                     rate * payload as f64 / 1e6,
                     col(&|c| per_sample(c, c.server.cpu) * 1e6),

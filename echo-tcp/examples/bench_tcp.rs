@@ -244,12 +244,11 @@ impl Proc {
 
 /// Measures `f`'s rate along with the CPU the server process and this process used.
 fn measured(server: &Proc, f: impl FnOnce() -> Rate) -> Measured {
-    let pid = server.process.id().to_string();
-    let (s0, c0) = (usage(&pid), usage("self"));
+    let (s0, c0) = (server.process.usage(), usage("self"));
     let rate = f();
     Measured {
         rate,
-        server_cpu: (usage(&pid) - s0).cpu,
+        server_cpu: (server.process.usage() - s0).cpu,
         client_cpu: (usage("self") - c0).cpu,
     }
 }
@@ -544,16 +543,6 @@ fn python_client(port: u16, payload: usize, secs: f64, max_inflight: usize) -> R
 // Report
 // ---------------------------------------------------------------------------
 
-fn size_name(p: usize) -> String {
-    if p >= 1 << 20 && p % (1 << 20) == 0 {
-        format!("{} MiB", p >> 20)
-    } else if p >= 1 << 10 && p % (1 << 10) == 0 {
-        format!("{} KiB", p >> 10)
-    } else {
-        format!("{p} B")
-    }
-}
-
 fn fmt_rate(r: Option<Rate>) -> (String, String) {
     match r {
         None => ("-".into(), "-".into()),
@@ -705,7 +694,7 @@ fn main() {
                 eprintln!(
                     "[{:>5.1}s] {:>7} x{:<2} #{rep}: raw {rs:>10}/s {rm:>7} MiB/s (lowat {lm:>7}) | floor {fs:>9}/s | ours {os:>9}/s {om:>7} MiB/s cpu {} | id-echo {is:>9}/s {im:>7} MiB/s cpu {}",
                     started.elapsed().as_secs_f64(),
-                    size_name(payload),
+                    bench::size_name(payload),
                     clients,
                     fmt_cpu(last(&cell.ours)),
                     fmt_cpu(last(&cell.id_echo)),
@@ -730,7 +719,7 @@ fn main() {
                 eprintln!(
                     "[{:>5.1}s] {:>7} #{rep} Python TcpClient: id-echo {}/s, ours {}/s",
                     started.elapsed().as_secs_f64(),
-                    size_name(payload),
+                    bench::size_name(payload),
                     fmt_rate(py.1.last().map(|m| m.rate)).0,
                     fmt_rate(py.2.last().map(|m| m.rate)).0
                 );
@@ -770,7 +759,7 @@ fn main() {
             .max_by(|a, b| a.per_sec().total_cmp(&b.per_sec()));
         println!(
             "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            size_name(*payload),
+            bench::size_name(*payload),
             fmt_rate(raw.map(|m| m.rate)).1,
             fmt_cpu(raw),
             fmt_rate(raw_lowat.map(|m| m.rate)).1,
@@ -802,7 +791,7 @@ fn main() {
             let (mi_, mo) = (median(ide), median(ours));
             println!(
                 "| {} | {} | {} | {} | {} | {} |",
-                size_name(*p),
+                bench::size_name(*p),
                 fmt_spread(ide),
                 cpu(mi_),
                 fmt_spread(ours),

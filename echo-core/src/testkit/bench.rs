@@ -33,6 +33,30 @@ pub fn batch_size(payload: usize) -> usize {
     ((8 << 20) / payload.max(1)).clamp(4, 256)
 }
 
+/// A payload size as a table shows it: `20 B`, `16 KiB`, `1 MiB` (whole
+/// KiB or MiB only; otherwise in bytes).
+pub fn size_name(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count; NaN
+/// for none).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Samples a server process consumed (see [`consume_until_stdin_closes`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Consumed {
@@ -255,6 +279,18 @@ mod tests {
         assert_eq!(batch_size(20), 256);
         assert_eq!(batch_size(1 << 20), 8);
         assert_eq!(batch_size(16 << 20), 4);
+        assert_eq!(
+            [
+                size_name(20),
+                size_name(16384),
+                size_name(1 << 20),
+                size_name(1536)
+            ],
+            ["20 B", "16 KiB", "1 MiB", "1536 B"]
+        );
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median([]).is_nan());
     }
 
     #[test]
