@@ -175,7 +175,13 @@ async fn send_all(mut client: Box<dyn Client>, spec: Spec, id: u32, n: u32) -> R
     let mut buf = Vec::new();
     for seq in 0..n {
         kit_sample(&spec, id, seq, &mut buf);
-        client.send(&buf).await?;
+        // Both ways of sending: borrowed, and handed over (which a client may
+        // keep without copying until the server has it).
+        if seq % 2 == 0 {
+            client.send(&buf).await?;
+        } else {
+            client.send_bytes(bytes::Bytes::from(buf.clone())).await?;
+        }
     }
     client.wait().await?;
     let stats = client.stats();
@@ -188,15 +194,24 @@ async fn send_all(mut client: Box<dyn Client>, spec: Spec, id: u32, n: u32) -> R
     client.close().await?;
     client.close().await?; // idempotent
     match client.send(&buf).await {
+        Err(e) if e.is_closed() => {}
+        other => {
+            return Err(fail(format!(
+                "client {id}: send after close gave {other:?}, expected ConnectionClosed"
+            )))
+        }
+    }
+    match client.send_bytes(bytes::Bytes::from(buf)).await {
         Err(e) if e.is_closed() => Ok(()),
         other => Err(fail(format!(
-            "client {id}: send after close gave {other:?}, expected ConnectionClosed"
+            "client {id}: send_bytes after close gave {other:?}, expected ConnectionClosed"
         ))),
     }
 }
 
 /// Check 1: `clients` x `samples` samples of `size` bytes arrive exactly once,
-/// byte-exact, in per-client order (when `ordered`).
+/// byte-exact, in per-client order (when `ordered`); each client sends every
+/// other sample with [`Client::send_bytes`], the rest with [`Client::send`].
 pub async fn exactly_once<K: Conformance + ?Sized>(
     kit: &K,
     clients: u32,

@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use url::Url;
 
 use crate::ingress::Ingress;
@@ -106,6 +107,15 @@ pub trait Client: Send + Sync + Debug {
     /// while `max_inflight` are unacknowledged. After `close`, or once the peer
     /// left, this is [`Error::ConnectionClosed`].
     async fn send(&mut self, payload: &[u8]) -> Result<()>;
+
+    /// [`send`](Self::send) for a payload the caller hands over. A client that
+    /// must keep a payload's bytes until the server has them (QUIC keeps
+    /// unacknowledged data for retransmission) can then hold a reference to
+    /// `payload` instead of copying it; `Bytes::from(vec)` gives one without a
+    /// copy. The default sends `&payload`.
+    async fn send_bytes(&mut self, payload: Bytes) -> Result<()> {
+        self.send(&payload).await
+    }
 
     /// Waits until every payload sent has been acknowledged.
     async fn wait(&mut self) -> Result<()>;
