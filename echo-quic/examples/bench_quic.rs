@@ -20,14 +20,16 @@
 //! sender never overruns its socket buffer). One blocking sender thread per
 //! client, one receiver thread per client in the server process. `floor` sends
 //! datagrams of 65,000 bytes (about the most loopback carries), `floor:N` of N
-//! bytes (header and tag included; `floor:32768` matches our QUIC's loopback
-//! packets). Measured only for payloads of at least one datagram: it is a
+//! bytes (header and tag included; our QUIC's loopback packets are about as
+//! large as `floor`'s). Measured only for payloads of at least one datagram: it is a
 //! floor for the cost per byte, and has no cost per sample. Nor is it a floor
 //! for small datagrams: it makes one system call per datagram, where quinn
 //! hands the kernel up to 10 at once (GSO) below 6,550 bytes. The load generator is this
 //! process: N clients on a 2-thread Tokio runtime, each sending one pre-built
-//! payload with `max_inflight` unacknowledged (for QUIC: in total over its
-//! streams), for a fixed time, then waiting for every ack. A rate is
+//! payload, handed over as `Bytes` (`Client::send_bytes`; `--borrowed` sends
+//! it as a slice), with `max_inflight` unacknowledged (for QUIC: in total over
+//! its streams), for a fixed time, then waiting for every ack. Server
+//! processes set the allocator as echo-server does (`echo_core::heap`). A rate is
 //! acknowledged samples / elapsed time. QUIC is always encrypted (TLS 1.3,
 //! AES-128-GCM or ChaCha20 as negotiated by rustls/ring); TCP wire v1 is not.
 //!
@@ -38,6 +40,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
 use echo_core::testkit::bench::{self, usage, Usage};
 use echo_core::{ClientOptions, Registry, Server};
@@ -67,11 +70,7 @@ struct Args {
     /// What to measure: tcp, quic1 (one stream per client), quic4 (four),
     /// floor[:PACKET] (the encrypted UDP pipe, see above); any quicN may carry
     /// `:QUERY` for both ends, e.g. `quic1:cc=bbr`.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "tcp,floor,floor:32768,quic1,quic4"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "tcp,floor,quic1,quic4")]
     targets: Vec<String>,
     /// Extra query parameters for the QUIC server URL (e.g. `stream_window=4194304`).
     #[arg(long, default_value = "")]
@@ -83,6 +82,11 @@ struct Args {
     /// of this one): fresh pages the kernel had to map and zero.
     #[arg(long)]
     faults: bool,
+    /// Send each payload as a borrowed slice (`Client::send`) instead of handing
+    /// it over as `Bytes` (`Client::send_bytes`, the default): QUIC then copies
+    /// every payload before quinn takes it.
+    #[arg(long)]
+    borrowed: bool,
     /// Internal: run as a server process for this URL.
     #[arg(long, hide = true)]
     role: Option<String>,
@@ -157,7 +161,8 @@ async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, sec
     for _ in 0..clients {
         conns.push(reg.connect(url, &spec, &opts).await.expect("connect"));
     }
-    let data = vec![7u8; payload];
+    let data = Bytes::from(vec![7u8; payload]);
+    let borrowed = args.borrowed;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
@@ -166,7 +171,11 @@ async fn run_clients(url: &str, payload: usize, clients: usize, args: &Args, sec
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 for _ in 0..64 {
-                    c.send(&data).await.expect("send");
+                    if borrowed {
+                        c.send(&data).await.expect("send");
+                    } else {
+                        c.send_bytes(data.clone()).await.expect("send");
+                    }
                 }
             }
             c.wait().await.expect("wait");

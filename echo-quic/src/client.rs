@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use echo_core::stream::StreamClient;
 use echo_core::transport::query_param;
 use echo_core::{
@@ -18,7 +19,7 @@ use quinn::{ConnectionError, Endpoint, TransportErrorCode};
 use tokio::time::timeout;
 
 use crate::config::{Peer, Tuning};
-use crate::send::{FinishingSend, PiecePool};
+use crate::send::{FinishingSend, Lent, PiecePool};
 use crate::server::{resolve, CODE_REFUSED};
 use crate::tls;
 
@@ -77,6 +78,8 @@ pub struct QuicClient {
     endpoint: Endpoint,
     conn: quinn::Connection,
     streams: Vec<StreamClient>,
+    /// Per stream: where `send_bytes` lends its payload to the stream's writer.
+    lent: Vec<Arc<Lent>>,
     caps: Vec<usize>,
     next: usize,
     linger: Duration,
@@ -272,6 +275,7 @@ impl ClientFactory for QuicClientFactory {
         let setup = async {
             let (endpoint, conn) = connect_quic(&target, &peer).await?;
             let mut streams = Vec::with_capacity(target.streams);
+            let mut lent = Vec::with_capacity(target.streams);
             let pool = Arc::new(PiecePool::new(target.tuning.send_window));
             for (i, &cap) in caps.iter().enumerate() {
                 let (send, recv) = conn
@@ -282,7 +286,8 @@ impl ClientFactory for QuicClientFactory {
                     max_inflight: cap,
                     ..options.clone()
                 };
-                let writer = FinishingSend::new(send, pool.clone(), target.linger);
+                lent.push(Arc::new(Lent::default()));
+                let writer = FinishingSend::new(send, pool.clone(), lent[i].clone(), target.linger);
                 // One stream: large payloads are written straight from the caller's
                 // buffer. Several: always through each stream's outbox, so `send`
                 // never waits on a stream whose flow control stalled.
@@ -295,9 +300,9 @@ impl ClientFactory for QuicClientFactory {
                 .map_err(|e| stream_error(e, &peer, i))?;
                 streams.push(stream);
             }
-            Ok::<_, Error>((endpoint, conn, streams))
+            Ok::<_, Error>((endpoint, conn, streams, lent))
         };
-        let (endpoint, conn, streams) = match timeout(options.connect_timeout, setup).await {
+        let (endpoint, conn, streams, lent) = match timeout(options.connect_timeout, setup).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(Error::Timeout(format!(
@@ -313,6 +318,7 @@ impl ClientFactory for QuicClientFactory {
             endpoint,
             conn,
             streams,
+            lent,
             caps,
             next: 0,
             linger: target.linger,
@@ -352,6 +358,17 @@ impl QuicClient {
         best.map(|(i, _)| i)
     }
 
+    /// After `send`'s checks, the stream `payload` goes to (waiting for room).
+    async fn stream_for(&mut self, payload: &[u8]) -> Result<usize> {
+        echo_core::check_send(self.closed, &self.peer, self.payload_size, payload)?;
+        let i = match self.pick() {
+            Some(i) => i,
+            None => self.wait_for_room().await?,
+        };
+        self.next = (i + 1) % self.streams.len();
+        Ok(i)
+    }
+
     /// Waits until some stream has room; fails once every stream is closed.
     async fn wait_for_room(&self) -> Result<usize> {
         loop {
@@ -383,13 +400,19 @@ impl Client for QuicClient {
     }
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
-        echo_core::check_send(self.closed, &self.peer, self.payload_size, payload)?;
-        let i = match self.pick() {
-            Some(i) => i,
-            None => self.wait_for_room().await?,
-        };
-        self.next = (i + 1) % self.streams.len();
+        let i = self.stream_for(payload).await?;
         self.streams[i].send_payload(payload).await
+    }
+
+    async fn send_bytes(&mut self, payload: Bytes) -> Result<()> {
+        let i = self.stream_for(&payload).await?;
+        // With one stream the payload is written from `payload` itself, and the
+        // writer hands quinn slices of it; with several it is copied into the
+        // stream's outbox first, as with `send`.
+        self.lent[i].lend(payload.clone());
+        let r = self.streams[i].send_payload(&payload).await;
+        self.lent[i].end();
+        r
     }
 
     async fn wait(&mut self) -> Result<()> {

@@ -10,6 +10,11 @@
 //! of its CPU time; BENCHMARKS.md "QUIC"). Here each large write is copied once
 //! into a buffer from a small per-connection pool, quinn gets it as `Bytes`
 //! without copying, and the buffer returns to the pool when quinn drops it.
+//! A payload the caller handed over as `Bytes` ([`Client::send_bytes`]) is not
+//! copied at all: while its send runs it is [`Lent`] to the stream's writer,
+//! which gives quinn slices of it.
+//!
+//! [`Client::send_bytes`]: echo_core::Client::send_bytes
 
 use std::future::Future;
 use std::io;
@@ -91,6 +96,36 @@ impl Drop for Piece {
     }
 }
 
+/// The payload a `send_bytes` call is writing, lent to the stream's writer
+/// for the length of the call: writes whose bytes lie inside it reach quinn as
+/// slices of it (reference-counted, kept by quinn until acknowledged) instead
+/// of copies. Writes from anywhere else (an outbox, a borrowed payload) are
+/// copied as usual.
+#[derive(Debug, Default)]
+pub(crate) struct Lent(Mutex<Option<Bytes>>);
+
+impl Lent {
+    /// Lends `payload` until [`end`](Self::end) (or the next `lend`).
+    pub(crate) fn lend(&self, payload: Bytes) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload);
+    }
+
+    /// Takes the lent payload back.
+    pub(crate) fn end(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// `buf` as a slice of the lent payload, if it lies inside it.
+    fn slice_of(&self, buf: &[u8]) -> Option<Bytes> {
+        let lent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let whole = lent.as_ref()?;
+        let start = whole.as_ptr() as usize;
+        let at = buf.as_ptr() as usize;
+        (!buf.is_empty() && at >= start && at + buf.len() <= start + whole.len())
+            .then(|| whole.slice_ref(buf))
+    }
+}
+
 /// A QUIC send stream for [`StreamClient`](echo_core::stream::StreamClient).
 ///
 /// A large write is accepted whole into a pooled buffer and handed to quinn as
@@ -102,16 +137,23 @@ impl Drop for Piece {
 pub(crate) struct FinishingSend {
     send: Option<SendStream>,
     pool: Arc<PiecePool>,
+    lent: Arc<Lent>,
     stash: Option<Bytes>,
     linger: Duration,
     finishing: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl FinishingSend {
-    pub(crate) fn new(send: SendStream, pool: Arc<PiecePool>, linger: Duration) -> Self {
+    pub(crate) fn new(
+        send: SendStream,
+        pool: Arc<PiecePool>,
+        lent: Arc<Lent>,
+        linger: Duration,
+    ) -> Self {
         FinishingSend {
             send: Some(send),
             pool,
+            lent,
             stash: None,
             linger,
             finishing: None,
@@ -155,11 +197,17 @@ impl AsyncWrite for FinishingSend {
             return Poll::Ready(Err(finished()));
         };
         ready!(push_stash(send, &mut this.stash, cx))?;
-        if buf.len() < POOLED_MIN {
-            return AsyncWrite::poll_write(Pin::new(send), cx, buf);
-        }
-        let n = buf.len().min(PIECE);
-        this.stash = Some(this.pool.piece(&buf[..n]));
+        let (n, piece) = match this.lent.slice_of(buf) {
+            Some(whole) => (buf.len(), whole),
+            None if buf.len() < POOLED_MIN => {
+                return AsyncWrite::poll_write(Pin::new(send), cx, buf);
+            }
+            None => {
+                let n = buf.len().min(PIECE);
+                (n, this.pool.piece(&buf[..n]))
+            }
+        };
+        this.stash = Some(piece);
         // Accepted either way; what quinn cannot take yet goes out first later.
         match push_stash(send, &mut this.stash, cx) {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
@@ -245,6 +293,32 @@ mod tests {
         let c = pool.piece(&data[5..17_000]);
         assert_eq!(&c[..], &data[5..17_000]);
         assert_eq!(pool.free_len(), 1);
+    }
+
+    #[test]
+    fn lent_payloads_are_sliced_not_copied() {
+        let lent = Lent::default();
+        let whole = Bytes::from((0..2000).map(|i| i as u8).collect::<Vec<u8>>());
+        let payload = whole.slice(0..1000);
+        assert!(
+            lent.slice_of(&payload[10..20]).is_none(),
+            "nothing lent yet"
+        );
+        lent.lend(payload.clone());
+        let s = lent.slice_of(&payload[10..200]).unwrap();
+        assert_eq!(s.as_ptr(), payload[10..].as_ptr(), "the same memory");
+        assert_eq!(&s[..], &payload[10..200]);
+        let all = lent.slice_of(&payload[..]).unwrap();
+        assert_eq!((all.as_ptr(), all.len()), (payload.as_ptr(), 1000));
+        // Bytes outside the lent payload, or only partly inside it, are not its.
+        assert!(lent.slice_of(&whole[1000..1100]).is_none());
+        assert!(lent.slice_of(&whole[500..1500]).is_none());
+        assert!(lent.slice_of(&payload.to_vec()).is_none());
+        assert!(lent.slice_of(&payload[..0]).is_none());
+        lent.end();
+        assert!(lent.slice_of(&payload[10..20]).is_none(), "taken back");
+        drop((s, all, whole));
+        assert!(payload.is_unique(), "nothing else holds it");
     }
 
     #[test]
