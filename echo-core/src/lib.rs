@@ -38,6 +38,7 @@
 pub mod busy;
 pub mod control;
 pub mod error;
+pub mod heap;
 pub mod ingress;
 pub mod mem;
 pub mod metrics;

@@ -92,6 +92,13 @@ struct Args {
     #[arg(long, value_name = "US", default_value_t = 50)]
     busy_poll_us: u64,
 
+    /// Leave the C allocator's thresholds at glibc's defaults. Without this,
+    /// echo-server lets up to 32 MiB blocks come from the heap and keeps up to
+    /// 16 MiB of freed memory for reuse instead of handing it back to the kernel
+    /// at once (fewer page faults at high rates; see echo_core::heap).
+    #[arg(long)]
+    default_heap: bool,
+
     /// Exit 0 after N batches.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_batches: Option<u64>,
@@ -100,6 +107,9 @@ struct Args {
 /// Runs echo-server; returns its exit status.
 pub(crate) fn main() -> ExitCode {
     let args = Args::parse();
+    if !args.default_heap {
+        echo_core::heap::server_heap();
+    }
     let tty = std::io::stderr().is_terminal();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

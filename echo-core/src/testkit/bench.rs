@@ -95,8 +95,9 @@ pub async fn consume_until_stdin_closes(server: Server) -> Consumed {
         .unwrap_or_default()
 }
 
-/// Runs a benchmark's server process to its end: `builder`'s server on a
-/// 2-thread runtime, listening on `url`; prints `announce(bound URL)` and
+/// Runs a benchmark's server process to its end: with the allocator set as
+/// echo-server sets it ([`server_heap`](crate::heap::server_heap)),
+/// `builder`'s server on a 2-thread runtime, listening on `url`; prints `announce(bound URL)` and
 /// flushes it (the benchmark reads that line); consumes batches until standard
 /// input closes; prints `SAMPLES n`, `n` being what `count` makes of what was
 /// consumed.
@@ -110,6 +111,7 @@ pub fn server_process(
     announce: impl FnOnce(&str) -> String,
     count: impl FnOnce(Consumed) -> u64,
 ) {
+    crate::heap::server_heap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
