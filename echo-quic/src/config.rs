@@ -53,14 +53,15 @@ pub struct Tuning {
     pub max_mtu: u16,
     /// Largest UDP payload path-MTU discovery probes for on loopback, i.e. when
     /// the peer's address is a loopback address (`loopback_mtu`, default
-    /// 32768; the loopback device carries up to about 65,500). Above 6550 those
-    /// connections send one datagram per system call instead of using `gso`:
-    /// the kernel's cost per byte stays about the same, and quinn's per-packet
-    /// work (headers, encryption calls, acknowledgements) drops. 0 treats
-    /// loopback like any other path (`max_mtu`). 65527 means fewer packets
-    /// still, but each received datagram is then a 64 KiB allocation inside
-    /// quinn, and with glibc's allocator those cost more page faults than the
-    /// smaller packets save (BENCHMARKS.md, "QUIC").
+    /// 65527, the most UDP carries; discovery settles a little below it, at
+    /// what the loopback device takes). Above 6550 those connections send one
+    /// datagram per system call instead of using `gso`: the kernel's cost per
+    /// byte stays about the same, and quinn's per-packet work (headers,
+    /// encryption calls, acknowledgements) drops. 0 treats loopback like any
+    /// other path (`max_mtu`). Each received datagram is a 64 KiB allocation
+    /// inside quinn: with glibc, a server process should keep freed memory
+    /// for reuse ([`echo_core::heap::server_heap`], which echo-server calls),
+    /// or those allocations cost page faults (BENCHMARKS.md, "QUIC").
     pub loopback_mtu: u16,
     /// Congestion controller (`cc`: `cubic`, the default, `bbr` or `newreno`).
     pub congestion: Congestion,
@@ -131,7 +132,7 @@ impl Default for Tuning {
             conn_window: 16 * MIB,
             send_window: 16 * MIB,
             max_mtu: 6500,
-            loopback_mtu: 32768,
+            loopback_mtu: 65527,
             congestion: Congestion::Cubic,
             udp_buffer: 4 * MIB as usize,
             ack_threshold: 0,
@@ -448,7 +449,7 @@ mod tests {
     #[test]
     fn loopback_paths_get_large_packets_without_gso() {
         let t = tuning("").unwrap();
-        assert_eq!(t.path(Peer::Loopback), (32768, false));
+        assert_eq!(t.path(Peer::Loopback), (65527, false));
         assert_eq!(t.path(Peer::Remote), (6500, true));
         // A loopback bound that fits GSO keeps it.
         let t = tuning("loopback_mtu=6000").unwrap();
@@ -458,7 +459,7 @@ mod tests {
         assert_eq!(t.path(Peer::Loopback), (1452, true));
         let t = tuning("gso=false").unwrap();
         assert_eq!(t.path(Peer::Remote), (6500, false));
-        assert_eq!(t.path(Peer::Loopback), (32768, false));
+        assert_eq!(t.path(Peer::Loopback), (65527, false));
     }
 
     #[test]
