@@ -2,12 +2,14 @@
 //! and the client side ([`StreamClient`]). TCP, Unix sockets, QUIC streams and the
 //! in-memory transport all run on these, so there is one framing in the project.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
@@ -653,9 +655,26 @@ struct Outbox {
 
 #[derive(Debug, Default)]
 struct OutState {
+    /// Payloads handed over as `Bytes` (and earlier contents of `buf`), in
+    /// stream order, all before `buf`.
+    queue: VecDeque<Bytes>,
+    /// Copies of borrowed payloads.
     buf: Vec<u8>,
     closing: bool,
 }
+
+impl OutState {
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.buf.is_empty()
+    }
+}
+
+/// Payloads of at least this many bytes handed to a buffered [`StreamClient`]
+/// as `Bytes` ([`Client::send_bytes`]) are queued by reference instead of
+/// copied into its outgoing buffer, and reach the writer as a write of their
+/// own (smaller ones are copied, so that many of them still go out in one
+/// write).
+pub const OWNED_QUEUE_MIN: usize = 16 * 1024;
 
 /// Payloads of at least this many bytes are written by [`StreamClient`] straight
 /// from the caller's buffer, inside `send`; smaller ones are copied into an
@@ -666,7 +685,8 @@ type BoxWriter = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// How payloads leave a [`StreamClient`].
 enum Output {
-    /// Copied into the outbox; a writer task flushes it.
+    /// Copied into the outbox (or queued there, [`OWNED_QUEUE_MIN`]); a writer
+    /// task flushes it.
     Buffered {
         outbox: Arc<Outbox>,
         task: Option<JoinHandle<()>>,
@@ -843,14 +863,36 @@ impl StreamClient {
 
     /// [`Client::send`] without boxing the future (for wrappers and hot loops).
     pub async fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
+        self.send_either(payload, None).await
+    }
+
+    /// [`Client::send_bytes`] without boxing the future: a buffered client
+    /// queues payloads of [`OWNED_QUEUE_MIN`] bytes or more by reference; a
+    /// direct one writes from `payload` as [`send_payload`](Self::send_payload)
+    /// does.
+    pub async fn send_payload_bytes(&mut self, payload: Bytes) -> Result<()> {
+        self.send_either(&payload, Some(&payload)).await
+    }
+
+    /// `payload`, and the same bytes as `Bytes` when the caller handed them over.
+    async fn send_either(&mut self, payload: &[u8], owned: Option<&Bytes>) -> Result<()> {
         crate::transport::check_send(self.closed, &self.peer, self.payload_size, payload)?;
         match &mut self.output {
             Output::Buffered { outbox, .. } => {
                 self.window.acquire(1).await?;
                 let was_empty = {
                     let mut st = outbox.state.lock().unwrap_or_else(|e| e.into_inner());
-                    let was_empty = st.buf.is_empty();
-                    st.buf.extend_from_slice(payload);
+                    let was_empty = st.is_empty();
+                    match owned {
+                        Some(b) if b.len() >= OWNED_QUEUE_MIN => {
+                            if !st.buf.is_empty() {
+                                let earlier = Bytes::from(std::mem::take(&mut st.buf));
+                                st.queue.push_back(earlier);
+                            }
+                            st.queue.push_back(b.clone());
+                        }
+                        _ => st.buf.extend_from_slice(payload),
+                    }
                     was_empty
                 };
                 // The writer empties the buffer after each wake-up: only the payload
@@ -1008,15 +1050,21 @@ async fn write_out<W: AsyncWrite + Unpin>(
     peer: String,
 ) {
     let mut local = Vec::new();
+    let mut queue = VecDeque::new();
     loop {
         outbox.notify.notified().await;
         let closing = {
             let mut st = outbox.state.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut st.buf, &mut local);
+            std::mem::swap(&mut st.queue, &mut queue);
             st.closing
         };
-        if !local.is_empty() {
+        if !local.is_empty() || !queue.is_empty() {
             let r = async {
+                // Queued bytes come first: they were all sent before `local`'s.
+                while let Some(chunk) = queue.pop_front() {
+                    writer.write_all(&chunk).await?;
+                }
                 writer.write_all(&local).await?;
                 writer.flush().await
             }
@@ -1042,6 +1090,10 @@ impl Client for StreamClient {
 
     async fn send(&mut self, payload: &[u8]) -> Result<()> {
         self.send_payload(payload).await
+    }
+
+    async fn send_bytes(&mut self, payload: Bytes) -> Result<()> {
+        self.send_payload_bytes(payload).await
     }
 
     async fn wait(&mut self) -> Result<()> {
@@ -1507,5 +1559,61 @@ mod tests {
         assert!(busy_poll_for(&mock, 64 * 1024, second).budget().is_zero());
         mock.q().not_worth_polling = true;
         assert!(busy_poll_for(&mock, 64, second).budget().is_zero());
+    }
+    /// A buffered client fed payloads both ways: what the peer reads is every
+    /// payload, whole and in order, whether it was copied into the outgoing
+    /// buffer (borrowed, or owned and small) or queued by reference.
+    async fn buffered_sends_case(size: usize) {
+        let spec = kit_spec(size);
+        let (ours, mut peer) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(ours);
+        peer.write_all(&wire::handshake_bytes(&spec.wire()))
+            .await
+            .unwrap();
+        let opts = ClientOptions {
+            max_inflight: 4,
+            ..ClientOptions::default()
+        };
+        let mut client = StreamClient::connect_buffered(r, w, &spec, &opts, false, "p".into())
+            .await
+            .unwrap();
+        let n = 24u32;
+        let want: Vec<Vec<u8>> = (0..n).map(|i| sample(&spec, i)).collect();
+        let len = spec.payload_size();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                let mut p = vec![0u8; len];
+                peer.read_exact(&mut p).await.unwrap();
+                got.push(p);
+                peer.write_all(&[wire::ACK]).await.unwrap();
+            }
+            got
+        });
+        for (i, p) in want.iter().enumerate() {
+            // Runs of each kind, so that queued payloads follow copied ones
+            // and the other way round.
+            if i % 5 < 2 {
+                client.send_payload(p).await.unwrap();
+            } else {
+                client
+                    .send_payload_bytes(Bytes::from(p.clone()))
+                    .await
+                    .unwrap();
+            }
+        }
+        client.wait_acked().await.unwrap();
+        let got = reader.await.unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g == w, "payload {i} of {len} B differs");
+        }
+        client.close_stream().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn buffered_clients_keep_owned_and_borrowed_payloads_in_order() {
+        buffered_sends_case(64).await;
+        buffered_sends_case(OWNED_QUEUE_MIN).await;
+        buffered_sends_case(3 * OWNED_QUEUE_MIN + 4).await;
     }
 }
