@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use echo_core::stream::StreamClient;
+use echo_core::stream::{StreamClient, OWNED_QUEUE_MIN};
 use echo_core::transport::query_param;
 use echo_core::{
     Client, ClientFactory, ClientOptions, ClientStats, Error, LatencyHistogram, Result, Spec, Url,
@@ -40,7 +40,8 @@ pub const DEFAULT_LINGER: Duration = Duration::from_secs(10);
 /// * `streams` (default 1, or the factory's [`with_streams`](Self::with_streams)):
 ///   streams opened on the connection; samples go to the stream with the most
 ///   room, so a stalled stream does not hold up the others (with several
-///   streams `send` copies each payload into its stream's outgoing buffer and
+///   streams `send` copies each payload into its stream's outgoing buffer, or
+///   with `send_bytes` queues one of 16 KiB or more there by reference, and
 ///   never waits on a stream's flow control). Per-client order is kept only
 ///   with one stream;
 /// * `linger` (seconds, default 10): how long `close` waits for every sent
@@ -406,13 +407,14 @@ impl Client for QuicClient {
 
     async fn send_bytes(&mut self, payload: Bytes) -> Result<()> {
         let i = self.stream_for(&payload).await?;
-        // With one stream the payload is written from `payload` itself, and the
-        // writer hands quinn slices of it; with several it is copied into the
-        // stream's outbox first, as with `send`.
-        self.lent[i].lend(payload.clone());
-        let r = self.streams[i].send_payload(&payload).await;
-        self.lent[i].end();
-        r
+        // The stream writes the payload from `payload` itself (one stream, large
+        // payloads) or queues it by reference (an outbox): either way its
+        // writer sees these very bytes, and hands quinn slices of them. Smaller
+        // payloads are copied into an outbox, so lending them would gain nothing.
+        if payload.len() >= OWNED_QUEUE_MIN {
+            self.lent[i].lend(payload.clone());
+        }
+        self.streams[i].send_payload_bytes(payload).await
     }
 
     async fn wait(&mut self) -> Result<()> {

@@ -16,6 +16,7 @@
 //!
 //! [`Client::send_bytes`]: echo_core::Client::send_bytes
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -96,42 +97,64 @@ impl Drop for Piece {
     }
 }
 
-/// The payload a `send_bytes` call is writing, lent to the stream's writer
-/// for the length of the call: writes whose bytes lie inside it reach quinn as
-/// slices of it (reference-counted, kept by quinn until acknowledged) instead
-/// of copies. Writes from anywhere else (an outbox, a borrowed payload) are
-/// copied as usual.
+/// Payloads a `send_bytes` call handed to a stream's writer, oldest first:
+/// writes whose bytes lie inside one of them reach quinn as slices of it
+/// (reference-counted, kept by quinn until acknowledged) instead of copies.
+/// A payload is written whole and in order, so once a write ends where a lent
+/// payload ends, it and everything lent before it are done with. Writes from
+/// anywhere else (an outbox's copies, a borrowed payload) are copied as usual.
 #[derive(Debug, Default)]
-pub(crate) struct Lent(Mutex<Option<Bytes>>);
+pub(crate) struct Lent(Mutex<VecDeque<Bytes>>);
+
+/// Most payloads a stream keeps lent; older ones are let go (and copied if
+/// they are written after all).
+const MAX_LENT: usize = 256;
 
 impl Lent {
-    /// Lends `payload` until [`end`](Self::end) (or the next `lend`).
+    /// Lends `payload` to the writer.
     pub(crate) fn lend(&self, payload: Bytes) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(payload);
+        let mut lent = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if lent.len() == MAX_LENT {
+            lent.pop_front();
+        }
+        lent.push_back(payload);
     }
 
-    /// Takes the lent payload back.
-    pub(crate) fn end(&self) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
-    }
-
-    /// `buf` as a slice of the lent payload, if it lies inside it.
+    /// `buf` as a slice of a lent payload, if it lies inside one.
     fn slice_of(&self, buf: &[u8]) -> Option<Bytes> {
-        let lent = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let whole = lent.as_ref()?;
-        let start = whole.as_ptr() as usize;
+        if buf.is_empty() {
+            return None;
+        }
+        let mut lent = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let at = buf.as_ptr() as usize;
-        (!buf.is_empty() && at >= start && at + buf.len() <= start + whole.len())
-            .then(|| whole.slice_ref(buf))
+        let end = at + buf.len();
+        let i = lent.iter().position(|whole| {
+            let start = whole.as_ptr() as usize;
+            at >= start && end <= start + whole.len()
+        })?;
+        let whole = &lent[i];
+        let slice = whole.slice_ref(buf);
+        if end == whole.as_ptr() as usize + whole.len() {
+            lent.drain(..=i);
+        }
+        Some(slice)
+    }
+
+    /// Payloads lent and not yet written (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
     }
 }
 
 /// A QUIC send stream for [`StreamClient`](echo_core::stream::StreamClient).
 ///
-/// A large write is accepted whole into a pooled buffer and handed to quinn as
-/// far as its flow control allows; the rest waits in `stash` and goes first on
-/// the next write or flush, so at most one buffer of accepted bytes is held
-/// here (the stream client flushes after every payload). `shutdown` finishes
+/// A large write is accepted whole, as a slice of a [`Lent`] payload or else
+/// copied into a pooled buffer, and handed to quinn as far as its flow control
+/// allows; the rest waits in `stash` and goes first on the next write or
+/// flush, so at most one write's bytes are held here (a pooled buffer, or a
+/// reference to a payload the caller handed over; the stream client flushes
+/// after every payload). `shutdown` finishes
 /// the stream and then waits (up to `linger`) until the peer has acknowledged
 /// all of it, so that closing the connection afterwards loses nothing.
 pub(crate) struct FinishingSend {
@@ -308,17 +331,44 @@ mod tests {
         let s = lent.slice_of(&payload[10..200]).unwrap();
         assert_eq!(s.as_ptr(), payload[10..].as_ptr(), "the same memory");
         assert_eq!(&s[..], &payload[10..200]);
-        let all = lent.slice_of(&payload[..]).unwrap();
-        assert_eq!((all.as_ptr(), all.len()), (payload.as_ptr(), 1000));
         // Bytes outside the lent payload, or only partly inside it, are not its.
         assert!(lent.slice_of(&whole[1000..1100]).is_none());
         assert!(lent.slice_of(&whole[500..1500]).is_none());
         assert!(lent.slice_of(&payload.to_vec()).is_none());
         assert!(lent.slice_of(&payload[..0]).is_none());
-        lent.end();
-        assert!(lent.slice_of(&payload[10..20]).is_none(), "taken back");
-        drop((s, all, whole));
+        assert_eq!(lent.len(), 1, "not written to its end yet");
+        let rest = lent.slice_of(&payload[200..]).unwrap();
+        assert_eq!((rest.as_ptr(), rest.len()), (payload[200..].as_ptr(), 800));
+        assert_eq!(lent.len(), 0, "written to its end: let go");
+        assert!(lent.slice_of(&payload[10..20]).is_none());
+        drop((s, rest, whole));
         assert!(payload.is_unique(), "nothing else holds it");
+    }
+
+    #[test]
+    fn lent_payloads_are_let_go_in_order() {
+        let lent = Lent::default();
+        let a = Bytes::from(vec![1u8; 100]);
+        let b = Bytes::from(vec![2u8; 100]);
+        let c = Bytes::from(vec![3u8; 100]);
+        // The same payload twice (a client may send one Bytes repeatedly).
+        for p in [&a, &b, &a, &c] {
+            lent.lend(p.clone());
+        }
+        // Writing the second `a` whole lets go of the first `a` and of `b`
+        // (a `b` never written: a cancelled send, say).
+        assert!(lent.slice_of(&a).is_some());
+        assert_eq!(lent.len(), 3, "the first a");
+        assert!(lent.slice_of(&a).is_some());
+        assert_eq!(lent.len(), 1, "b was lent before the second a: gone too");
+        assert!(lent.slice_of(&b).is_none());
+        assert_eq!(&lent.slice_of(&c).unwrap()[..], &c[..]);
+        assert_eq!(lent.len(), 0);
+        // Bounded.
+        for _ in 0..MAX_LENT + 10 {
+            lent.lend(a.clone());
+        }
+        assert_eq!(lent.len(), MAX_LENT);
     }
 
     #[test]
