@@ -457,6 +457,8 @@ fn write_file(path: &Path, contents: &str) -> std::io::Result<()> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // The servers run in this process: set its allocator as echo-server does.
+    echo::heap::server_heap();
     let args = Args::parse();
     if let Some(bad) = args
         .sizes

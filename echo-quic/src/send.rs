@@ -334,7 +334,8 @@ mod tests {
         // Bytes outside the lent payload, or only partly inside it, are not its.
         assert!(lent.slice_of(&whole[1000..1100]).is_none());
         assert!(lent.slice_of(&whole[500..1500]).is_none());
-        assert!(lent.slice_of(&payload.to_vec()).is_none());
+        let copy: Vec<u8> = payload.to_vec();
+        assert!(lent.slice_of(&copy).is_none(), "equal bytes elsewhere");
         assert!(lent.slice_of(&payload[..0]).is_none());
         assert_eq!(lent.len(), 1, "not written to its end yet");
         let rest = lent.slice_of(&payload[200..]).unwrap();
