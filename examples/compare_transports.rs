@@ -455,10 +455,21 @@ fn write_file(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(path, contents)
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    // The servers run in this process: set its allocator as echo-server does.
+fn main() -> std::process::ExitCode {
+    // The servers run in this process: set its allocator as echo-server does,
+    // before the runtime's threads start.
     echo::heap::server_heap();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the Tokio runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    rt.block_on(run())
+}
+
+async fn run() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(bad) = args
         .sizes

@@ -107,9 +107,7 @@ struct Args {
 /// Runs echo-server; returns its exit status.
 pub(crate) fn main() -> ExitCode {
     let args = Args::parse();
-    if !args.default_heap {
-        echo_core::heap::server_heap();
-    }
+    let heap = !args.default_heap && echo_core::heap::server_heap();
     let tty = std::io::stderr().is_terminal();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -119,6 +117,9 @@ pub(crate) fn main() -> ExitCode {
         .with_ansi(tty)
         .with_target(false)
         .init();
+    if !args.default_heap && !heap {
+        tracing::debug!("the C allocator's thresholds are its defaults (not glibc, or refused)");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
