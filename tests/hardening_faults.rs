@@ -114,6 +114,27 @@ fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic() {
     );
 }
 
+/// The QUIC case again with the allocator set as echo-server sets it
+/// (`echo::heap::server_heap`: freed memory stays in the process for reuse),
+/// under the same bound.
+#[cfg(feature = "quic")]
+#[test]
+fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic_server_heap() {
+    let name = "a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic_server_heap";
+    in_own_process(name, 90, || {
+        let glibc = cfg!(all(target_os = "linux", target_env = "gnu"));
+        assert!(
+            echo::heap::server_heap() || !glibc,
+            "glibc refused the settings"
+        );
+        runtime().block_on(within(
+            60,
+            "the stalled-consumer test",
+            run_stalled("quic://127.0.0.1:0"),
+        ))
+    });
+}
+
 /// A process that keeps replacing QUIC clients while others keep sending stays
 /// bounded in memory. Each client has an endpoint of its own; quinn sized its
 /// receive buffer at 13 MiB (6500-byte packets x 64 offload segments x 32), and
@@ -121,7 +142,7 @@ fn a_stalled_consumer_keeps_memory_bounded_and_loses_nothing_quic() {
 /// and so resident, growing the process by about a megabyte per client that
 /// came and went. Client endpoints now receive one datagram of at most 1472
 /// bytes per slot (46 KiB). `loopback_mtu=0` gives the packet size of a real
-/// network (on loopback the default, 32 KiB packets, makes the block larger
+/// network (on loopback the default, 64 KiB packets, makes the block larger
 /// than glibc's limit for that, which hid the growth).
 #[cfg(feature = "quic")]
 #[test]
