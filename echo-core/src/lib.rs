@@ -61,6 +61,8 @@ mod sync {
     pub(crate) use std::sync::atomic;
 }
 
+/// The payload handle of [`Client::send_bytes`] (the `bytes` crate's).
+pub use bytes::Bytes;
 pub use error::{Error, Result};
 pub use ingress::{Connection, Ingress, Limits, ShutdownSignal};
 pub use metrics::{LatencyHistogram, LatencySummary, Metrics, TransportMetrics};

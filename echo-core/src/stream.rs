@@ -716,9 +716,10 @@ impl std::fmt::Debug for Output {
 ///
 /// Small payloads are copied into an outgoing buffer that a writer task flushes;
 /// payloads queued while a write is under way go out together in the next one.
-/// Payloads of [`DIRECT_WRITE_MIN`] bytes or more are written from the caller's
-/// buffer inside `send`, saving a copy. Either way at most `max_inflight` are
-/// unacknowledged.
+/// (Payloads of [`OWNED_QUEUE_MIN`] bytes or more handed over as `Bytes` are
+/// queued by reference instead of copied.) Payloads of [`DIRECT_WRITE_MIN`]
+/// bytes or more are written from the caller's buffer inside `send`, saving a
+/// copy. Either way at most `max_inflight` are unacknowledged.
 #[derive(Debug)]
 pub struct StreamClient {
     peer: String,
@@ -767,8 +768,9 @@ impl StreamClient {
         Self::connect_with(reader, writer, spec, options, send_hello, peer, direct).await
     }
 
-    /// [`connect`](Self::connect) that always copies payloads into the outbox
-    /// (never writes inside `send`), so `send` waits only for the in-flight
+    /// [`connect`](Self::connect) that always puts payloads into the outbox
+    /// (copied, or queued by reference, see [`OWNED_QUEUE_MIN`]; never written
+    /// inside `send`), so `send` waits only for the in-flight
     /// window, never for the stream: for clients that spread payloads over
     /// several streams and must not be held up by one that stalls.
     pub async fn connect_buffered<R, W>(

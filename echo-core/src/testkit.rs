@@ -16,7 +16,7 @@
 //!    clients get `ConnectionClosed` instead of hanging.
 //!
 //! [`decoders`] holds the property checks for the decoders of untrusted bytes,
-//! shared by echo-core's property tests and the cargo-fuzz targets; [`bench`]
+//! shared by echo-core's property tests and the cargo-fuzz targets; [`bench`](mod@bench)
 //! what the benchmark programs share.
 
 use std::collections::{HashMap, HashSet};

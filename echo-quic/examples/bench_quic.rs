@@ -28,8 +28,10 @@
 //! process: N clients on a 2-thread Tokio runtime, each sending one pre-built
 //! payload, handed over as `Bytes` (`Client::send_bytes`; `--borrowed` sends
 //! it as a slice), with `max_inflight` unacknowledged (for QUIC: in total over
-//! its streams), for a fixed time, then waiting for every ack. Server
-//! processes set the allocator as echo-server does (`echo_core::heap`). A rate is
+//! its streams), for a fixed time, then waiting for every ack. The tcp and
+//! quic server processes set the allocator as echo-server does
+//! (`echo_core::heap`; the floor's receiver allocates nothing per datagram
+//! and keeps glibc's defaults). A rate is
 //! acknowledged samples / elapsed time. QUIC is always encrypted (TLS 1.3,
 //! AES-128-GCM or ChaCha20 as negotiated by rustls/ring); TCP wire v1 is not.
 //!

@@ -11,8 +11,9 @@
 //! into a buffer from a small per-connection pool, quinn gets it as `Bytes`
 //! without copying, and the buffer returns to the pool when quinn drops it.
 //! A payload the caller handed over as `Bytes` ([`Client::send_bytes`]) is not
-//! copied at all: while its send runs it is [`Lent`] to the stream's writer,
-//! which gives quinn slices of it.
+//! copied at all: it is [`Lent`] to the stream's writer until written (inside
+//! `send_bytes` with one stream, later from the outbox with several), and the
+//! writer gives quinn slices of it.
 //!
 //! [`Client::send_bytes`]: echo_core::Client::send_bytes
 
@@ -103,6 +104,8 @@ impl Drop for Piece {
 /// A payload is written whole and in order, so once a write ends where a lent
 /// payload ends, it and everything lent before it are done with. Writes from
 /// anywhere else (an outbox's copies, a borrowed payload) are copied as usual.
+/// A payload whose send failed before it was written stays lent until a later
+/// one is written or the client is dropped: at most [`MAX_LENT`] per stream.
 #[derive(Debug, Default)]
 pub(crate) struct Lent(Mutex<VecDeque<Bytes>>);
 
@@ -154,7 +157,7 @@ impl Lent {
 /// allows; the rest waits in `stash` and goes first on the next write or
 /// flush, so at most one write's bytes are held here (a pooled buffer, or a
 /// reference to a payload the caller handed over; the stream client flushes
-/// after every payload). `shutdown` finishes
+/// after every payload, or every batch of them from an outbox). `shutdown` finishes
 /// the stream and then waits (up to `linger`) until the peer has acknowledged
 /// all of it, so that closing the connection afterwards loses nothing.
 pub(crate) struct FinishingSend {
@@ -356,8 +359,9 @@ mod tests {
         for p in [&a, &b, &a, &c] {
             lent.lend(p.clone());
         }
-        // Writing the second `a` whole lets go of the first `a` and of `b`
-        // (a `b` never written: a cancelled send, say).
+        // Writing `a` whole lets go of the first `a`; writing it again lets go
+        // of the second and of `b` before it (a `b` never written: a send
+        // that failed, say).
         assert!(lent.slice_of(&a).is_some());
         assert_eq!(lent.len(), 3, "the first a");
         assert!(lent.slice_of(&a).is_some());
