@@ -11,6 +11,11 @@
 //! Each transport's server runs in its own process (this binary with `--role
 //! server`), consuming batches as fast as it can.
 //!
+//! The `proto` target is not a transport either (see the `proto` module): QUIC
+//! with quinn's protocol crate (`quinn-proto`) but without quinn's I/O layer,
+//! one blocking thread per connection end, moving bytes on one stream; for
+//! payloads of 64 KiB or more.
+//!
 //! The `floor` target is not a transport: a bare encrypted UDP pipe, the least
 //! any QUIC stack on UDP sockets must do per byte (copy each piece of the
 //! payload into a datagram, seal it with AES-128-GCM, send it; receive, open,
@@ -70,9 +75,10 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     max_inflight: usize,
     /// What to measure: tcp, quic1 (one stream per client), quic4 (four),
-    /// floor[:PACKET] (the encrypted UDP pipe, see above); any quicN may carry
-    /// `:QUERY` for both ends, e.g. `quic1:cc=bbr`.
-    #[arg(long, value_delimiter = ',', default_value = "tcp,floor,quic1,quic4")]
+    /// floor[:PACKET] (the encrypted UDP pipe, see above), proto (quinn-proto
+    /// driven by hand, see above); any quicN may carry `:QUERY` for both ends,
+    /// e.g. `quic1:cc=bbr`.
+    #[arg(long, value_delimiter = ',', default_value = "tcp,floor,proto,quic1,quic4")]
     targets: Vec<String>,
     /// Extra query parameters for the QUIC server URL (e.g. `stream_window=4194304`).
     #[arg(long, default_value = "")]
@@ -219,6 +225,9 @@ fn target_urls(target: &str, args: &Args) -> (String, String, String) {
     if target == "tcp" {
         return (target.into(), "tcp://127.0.0.1:0".into(), String::new());
     }
+    if target == "proto" {
+        return (target.into(), "proto://127.0.0.1:0".into(), String::new());
+    }
     if let Some(rest) = target.strip_prefix("floor") {
         let packet = match rest.strip_prefix(':') {
             Some(p) => p.parse().ok(),
@@ -270,6 +279,9 @@ fn measure(
     if target.starts_with("floor") {
         return floor::measure(server_url, payload, clients, secs);
     }
+    if target == "proto" {
+        return proto::measure(server_url, payload, clients, secs);
+    }
     let server = Proc::start(server_url, payload);
     let sep = if server.url.contains('?') { '&' } else { '?' };
     let url = if client_extra.is_empty() {
@@ -302,6 +314,8 @@ fn main() {
     if let Some(url) = &args.role {
         if url.starts_with("floor://") {
             floor::receive(url, args.payload);
+        } else if url.starts_with("proto://") {
+            proto::receive(args.payload);
         } else {
             run_server(url, args.payload);
         }
@@ -333,7 +347,11 @@ fn main() {
                 .targets
                 .iter()
                 .map(|t| target_urls(t, &args))
-                .filter(|(t, url, _)| !t.starts_with("floor") || payload >= floor::packet_of(url))
+                .filter(|(t, url, _)| match t.as_str() {
+                    t if t.starts_with("floor") => payload >= floor::packet_of(url),
+                    "proto" => payload >= 64 * 1024,
+                    _ => true,
+                })
                 .collect();
             // Interleaved: every target once per round, so drifting load from
             // other work on the machine hits them alike; each column is the
@@ -435,7 +453,7 @@ mod floor {
 
     /// A UDP socket with (asked for) 4 MiB buffers, and the receive buffer
     /// the kernel granted.
-    fn socket() -> (UdpSocket, usize) {
+    pub(crate) fn socket() -> (UdpSocket, usize) {
         let s = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
         #[cfg(target_os = "linux")]
         {
@@ -643,6 +661,381 @@ mod floor {
         };
         Cell {
             samples,
+            secs,
+            server: server_used,
+            client: client_used,
+        }
+    }
+}
+
+/// The `proto` target: quinn-proto (the protocol state machine under quinn)
+/// driven by hand, without quinn's endpoint and connection tasks: one
+/// blocking thread per client owns its socket, endpoint and connection and
+/// writes whole payloads to one stream (handed over as `Bytes`, not copied);
+/// one server thread owns the server's socket, endpoint and connections,
+/// receives each datagram straight into its own buffer (quinn copies it out of
+/// a shared one), and copies the stream's bytes into a ring like `floor`.
+/// TLS 1.3 with AES-128-GCM and our transport settings for loopback (8/16 MiB
+/// windows, 65,527-byte MTU bound). No wire v1, acks or store: how fast a QUIC
+/// stack built on quinn-proto could move bytes here, between `floor` and
+/// `quic1`.
+mod proto {
+    use std::collections::HashMap;
+    use std::io::{self, Read};
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::{Bytes, BytesMut};
+    use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+    use quinn_proto::{
+        ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
+        Event, MtuDiscoveryConfig, ServerConfig, StreamEvent, TransportConfig, VarInt,
+        WriteError,
+    };
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    use super::{floor, usage, Cell, Proc};
+
+    const MTU: u16 = 65_527;
+    const ALPN: &[u8] = b"echo-proto-bench";
+    /// Datagrams taken off the socket before the connections get to send
+    /// (their acknowledgements, among others).
+    const RECV_BATCH: usize = 64;
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::CryptoProvider {
+            cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256],
+            ..rustls::crypto::ring::default_provider()
+        })
+    }
+
+    fn transport() -> Arc<TransportConfig> {
+        let mut t = TransportConfig::default();
+        t.stream_receive_window(VarInt::from_u32(8 << 20))
+            .receive_window(VarInt::from_u32(16 << 20))
+            .send_window(16 << 20)
+            .initial_rtt(Duration::from_millis(10))
+            .enable_segmentation_offload(false);
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(MTU);
+        t.mtu_discovery_config(Some(mtu));
+        Arc::new(t)
+    }
+
+    fn endpoint(server: Option<Arc<ServerConfig>>) -> Endpoint {
+        let mut e = EndpointConfig::default();
+        e.max_udp_payload_size(MTU).expect("MTU bound");
+        Endpoint::new(Arc::new(e), server, true, None)
+    }
+
+    /// A non-blocking socket with `floor`'s buffer sizes.
+    fn socket() -> UdpSocket {
+        let s = floor::socket().0;
+        s.set_nonblocking(true).expect("non-blocking UDP");
+        s
+    }
+
+    /// One datagram from `s` into `buf`'s spare room, without zeroing it first.
+    fn recv(s: &UdpSocket, buf: &mut BytesMut) -> io::Result<SocketAddr> {
+        buf.reserve(MTU as usize);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: sockaddr_in is plain data, valid zeroed.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`
+        // and at most `len` bytes into `addr`.
+        let n = unsafe {
+            libc::recvfrom(
+                s.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                0,
+                (&mut addr as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel initialized the first `n` bytes of the spare room.
+        unsafe { buf.set_len(n as usize) };
+        let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+        Ok(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+    }
+
+    /// Waits until `s` is readable or `until` (at most 50 ms).
+    fn wait(s: &UdpSocket, until: Option<Instant>) {
+        let ms = until.map_or(50, |t| {
+            let left = t.saturating_duration_since(Instant::now());
+            left.as_micros().div_ceil(1000).min(50) as libc::c_int
+        });
+        let mut p = libc::pollfd {
+            fd: s.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, ms) };
+    }
+
+    /// Everything `conn` has to say: endpoint events, then datagrams.
+    fn flush(
+        h: ConnectionHandle,
+        conn: &mut Connection,
+        ep: &mut Endpoint,
+        s: &UdpSocket,
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) {
+        while let Some(ev) = conn.poll_endpoint_events() {
+            if let Some(back) = ep.handle_event(h, ev) {
+                conn.handle_event(back);
+            }
+        }
+        loop {
+            out.clear();
+            let Some(t) = conn.poll_transmit(now, 1, out) else {
+                break;
+            };
+            // A full socket buffer drops the datagram, like a lossy path.
+            let _ = s.send_to(&out[..t.size], t.destination);
+        }
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The server role: `proto://127.0.0.1:0` binds, prints
+    /// `URL proto://ADDR?cert=HEX` (its self-signed certificate), reads every
+    /// stream of every connection into a ring until stdin closes, then prints
+    /// `SAMPLES n` (whole payloads' worth of bytes).
+    pub(crate) fn receive(payload: usize) {
+        echo_core::heap::server_heap();
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .expect("certificate");
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut sc = ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(tls).expect("QUIC TLS"),
+        ));
+        sc.transport_config(transport());
+        let mut ep = endpoint(Some(Arc::new(sc)));
+        let s = socket();
+        println!(
+            "URL proto://{}?cert={}",
+            s.local_addr().expect("address"),
+            hex(ck.cert.der())
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let _ = io::stdin().read_to_end(&mut Vec::new());
+                stop.store(true, Ordering::Relaxed);
+            }
+        });
+        let bytes = AtomicU64::new(0);
+        let mut conns: HashMap<ConnectionHandle, (Connection, Vec<quinn_proto::StreamId>)> =
+            HashMap::new();
+        let mut ring = vec![0u8; 64 << 20];
+        let mut at = 0;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            for _ in 0..RECV_BATCH {
+                let Ok(from) = recv(&s, &mut buf) else {
+                    break;
+                };
+                let data = buf.split();
+                out.clear();
+                match ep.handle(now, from, None, None, data, &mut out) {
+                    Some(DatagramEvent::NewConnection(incoming)) => {
+                        out.clear();
+                        match ep.accept(incoming, now, &mut out, None) {
+                            Ok((h, c)) => {
+                                conns.insert(h, (c, Vec::new()));
+                            }
+                            Err(e) => {
+                                if let Some(t) = e.response {
+                                    let _ = s.send_to(&out[..t.size], t.destination);
+                                }
+                            }
+                        }
+                    }
+                    Some(DatagramEvent::ConnectionEvent(h, ev)) => {
+                        if let Some((c, _)) = conns.get_mut(&h) {
+                            c.handle_event(ev);
+                        }
+                    }
+                    Some(DatagramEvent::Response(t)) => {
+                        let _ = s.send_to(&out[..t.size], t.destination);
+                    }
+                    None => {}
+                }
+            }
+            let now = Instant::now();
+            for (&h, (conn, streams)) in conns.iter_mut() {
+                if conn.poll_timeout().is_some_and(|t| t <= now) {
+                    conn.handle_timeout(now);
+                }
+                while let Some(ev) = conn.poll() {
+                    if let Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) = ev {
+                        while let Some(id) = conn.streams().accept(Dir::Bi) {
+                            streams.push(id);
+                        }
+                    }
+                }
+                for &id in streams.iter() {
+                    let mut rs = conn.recv_stream(id);
+                    let Ok(mut chunks) = rs.read(true) else {
+                        continue;
+                    };
+                    while let Ok(Some(chunk)) = chunks.next(usize::MAX) {
+                        let k = chunk.bytes.len();
+                        if at + k > ring.len() {
+                            at = 0;
+                        }
+                        ring[at..at + k].copy_from_slice(&chunk.bytes);
+                        at += k;
+                        bytes.fetch_add(k as u64, Ordering::Relaxed);
+                    }
+                    let _ = chunks.finalize();
+                }
+                flush(h, conn, &mut ep, &s, &mut out, now);
+            }
+            conns.retain(|_, (c, _)| !c.is_drained());
+            let next = conns.values_mut().filter_map(|(c, _)| c.poll_timeout()).min();
+            wait(&s, next);
+        }
+        println!(
+            "SAMPLES {}",
+            bytes.load(Ordering::Relaxed) / payload.max(1) as u64
+        );
+    }
+
+    /// One client: connects, writes whole payloads to one stream for `secs`,
+    /// finishes it and waits until the server has acknowledged all of it.
+    /// Returns the payloads written.
+    fn send(to: SocketAddr, cert: &[u8], payload: usize, secs: f64) -> u64 {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(cert.to_vec()))
+            .expect("the server's certificate");
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut cc = ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(tls).expect("QUIC TLS"),
+        ));
+        cc.transport_config(transport());
+        let mut ep = endpoint(None);
+        let s = socket();
+        let (h, mut conn) = ep
+            .connect(Instant::now(), cc, to, "localhost")
+            .expect("connect");
+        let data = Bytes::from(vec![7u8; payload]);
+        let (mut stream, mut deadline) = (None, None);
+        let mut rest: Option<Bytes> = None;
+        let (mut written, mut finished) = (0u64, false);
+        let (mut buf, mut out) = (BytesMut::new(), Vec::new());
+        loop {
+            let now = Instant::now();
+            for _ in 0..RECV_BATCH {
+                let Ok(from) = recv(&s, &mut buf) else {
+                    break;
+                };
+                let data = buf.split();
+                out.clear();
+                if let Some(DatagramEvent::ConnectionEvent(_, ev)) =
+                    ep.handle(now, from, None, None, data, &mut out)
+                {
+                    conn.handle_event(ev);
+                }
+            }
+            let now = Instant::now();
+            if conn.poll_timeout().is_some_and(|t| t <= now) {
+                conn.handle_timeout(now);
+            }
+            while let Some(ev) = conn.poll() {
+                match ev {
+                    Event::Connected => {
+                        stream = conn.streams().open(Dir::Bi);
+                        deadline = Some(now + Duration::from_secs_f64(secs));
+                    }
+                    Event::Stream(StreamEvent::Finished { .. }) => return written,
+                    Event::ConnectionLost { reason } => panic!("proto: connection lost: {reason}"),
+                    _ => {}
+                }
+            }
+            if let (Some(id), Some(end)) = (stream, deadline) {
+                // New payloads until the deadline; the one under way is finished.
+                while rest.is_some() || (now < end && !finished) {
+                    let mut chunk = [rest.take().unwrap_or_else(|| data.clone())];
+                    match conn.send_stream(id).write_chunks(&mut chunk) {
+                        Ok(w) if w.chunks == 1 => written += 1,
+                        Ok(_) | Err(WriteError::Blocked) => {
+                            rest = Some(chunk[0].clone());
+                            break;
+                        }
+                        Err(e) => panic!("proto: write: {e}"),
+                    }
+                }
+                if rest.is_none() && now >= end && !finished {
+                    conn.send_stream(id).finish().expect("finish");
+                    finished = true;
+                }
+            }
+            flush(h, &mut conn, &mut ep, &s, &mut out, now);
+            wait(&s, conn.poll_timeout());
+        }
+    }
+
+    /// One measurement with `clients` client threads.
+    pub(crate) fn measure(server_url: &str, payload: usize, clients: usize, secs: f64) -> Cell {
+        let server = Proc::start(server_url, payload);
+        let (addr, cert) = server
+            .url
+            .strip_prefix("proto://")
+            .and_then(|r| r.split_once("?cert="))
+            .expect("proto URL");
+        let addr: SocketAddr = addr.parse().expect("proto address");
+        let cert = unhex(cert);
+        let (s0, c0) = (server.usage(), usage("self"));
+        let start = Instant::now();
+        let sent: u64 = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..clients)
+                .map(|_| scope.spawn(|| send(addr, &cert, payload, secs)))
+                .collect();
+            threads.into_iter().map(|t| t.join().expect("sender")).sum()
+        });
+        let secs = start.elapsed().as_secs_f64();
+        let (server_used, client_used) = (server.usage() - s0, usage("self") - c0);
+        let received = server.stop();
+        assert!(
+            received >= sent,
+            "proto: {sent} payloads acknowledged, {received} received"
+        );
+        Cell {
+            samples: sent,
             secs,
             server: server_used,
             client: client_used,
