@@ -11,7 +11,7 @@
 //! Each transport's server runs in its own process (this binary with `--role
 //! server`), consuming batches as fast as it can.
 //!
-//! The `proto` target is not a transport either (see the `proto` module): QUIC
+//! The `proto` target is not a transport (see the `proto` module): QUIC
 //! with quinn's protocol crate (`quinn-proto`) but without quinn's I/O layer,
 //! one blocking thread per connection end, moving bytes on one stream; for
 //! payloads of 64 KiB or more.
