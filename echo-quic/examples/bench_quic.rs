@@ -78,7 +78,11 @@ struct Args {
     /// floor[:PACKET] (the encrypted UDP pipe, see above), proto (quinn-proto
     /// driven by hand, see above); any quicN may carry `:QUERY` for both ends,
     /// e.g. `quic1:cc=bbr`.
-    #[arg(long, value_delimiter = ',', default_value = "tcp,floor,proto,quic1,quic4")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tcp,floor,proto,quic1,quic4"
+    )]
     targets: Vec<String>,
     /// Extra query parameters for the QUIC server URL (e.g. `stream_window=4194304`).
     #[arg(long, default_value = "")]
@@ -692,8 +696,7 @@ mod proto {
     use quinn_proto::crypto::rustls::{QuicClientConfig, QuicServerConfig};
     use quinn_proto::{
         ClientConfig, Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig,
-        Event, MtuDiscoveryConfig, ServerConfig, StreamEvent, TransportConfig, VarInt,
-        WriteError,
+        Event, MtuDiscoveryConfig, ServerConfig, StreamEvent, TransportConfig, VarInt, WriteError,
     };
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -766,6 +769,28 @@ mod proto {
         Ok(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
     }
 
+    /// Hands up to [`RECV_BATCH`] datagrams waiting on `s` to `ep`, and each
+    /// event to `on` (with `out` holding the response a `Response` refers to).
+    fn take_datagrams(
+        s: &UdpSocket,
+        ep: &mut Endpoint,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+        now: Instant,
+        mut on: impl FnMut(&mut Endpoint, DatagramEvent, &mut Vec<u8>),
+    ) {
+        for _ in 0..RECV_BATCH {
+            let Ok(from) = recv(s, buf) else {
+                break;
+            };
+            let data = buf.split();
+            out.clear();
+            if let Some(ev) = ep.handle(now, from, None, None, data, out) {
+                on(ep, ev, out);
+            }
+        }
+    }
+
     /// Waits until `s` is readable or `until` (at most 50 ms).
     fn wait(s: &UdpSocket, until: Option<Instant>) {
         let ms = until.map_or(50, |t| {
@@ -830,9 +855,8 @@ mod proto {
             .with_single_cert(vec![ck.cert.der().clone()], key)
             .expect("certificate");
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let mut sc = ServerConfig::with_crypto(Arc::new(
-            QuicServerConfig::try_from(tls).expect("QUIC TLS"),
-        ));
+        let mut sc =
+            ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).expect("QUIC TLS")));
         sc.transport_config(transport());
         let mut ep = endpoint(Some(Arc::new(sc)));
         let s = socket();
@@ -858,16 +882,16 @@ mod proto {
         let mut out = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
-            for _ in 0..RECV_BATCH {
-                let Ok(from) = recv(&s, &mut buf) else {
-                    break;
-                };
-                let data = buf.split();
-                out.clear();
-                match ep.handle(now, from, None, None, data, &mut out) {
-                    Some(DatagramEvent::NewConnection(incoming)) => {
+            take_datagrams(
+                &s,
+                &mut ep,
+                &mut buf,
+                &mut out,
+                now,
+                |ep, ev, out| match ev {
+                    DatagramEvent::NewConnection(incoming) => {
                         out.clear();
-                        match ep.accept(incoming, now, &mut out, None) {
+                        match ep.accept(incoming, now, out, None) {
                             Ok((h, c)) => {
                                 conns.insert(h, (c, Vec::new()));
                             }
@@ -878,17 +902,16 @@ mod proto {
                             }
                         }
                     }
-                    Some(DatagramEvent::ConnectionEvent(h, ev)) => {
+                    DatagramEvent::ConnectionEvent(h, ev) => {
                         if let Some((c, _)) = conns.get_mut(&h) {
                             c.handle_event(ev);
                         }
                     }
-                    Some(DatagramEvent::Response(t)) => {
+                    DatagramEvent::Response(t) => {
                         let _ = s.send_to(&out[..t.size], t.destination);
                     }
-                    None => {}
-                }
-            }
+                },
+            );
             let now = Instant::now();
             for (&h, (conn, streams)) in conns.iter_mut() {
                 if conn.poll_timeout().is_some_and(|t| t <= now) {
@@ -920,7 +943,10 @@ mod proto {
                 flush(h, conn, &mut ep, &s, &mut out, now);
             }
             conns.retain(|_, (c, _)| !c.is_drained());
-            let next = conns.values_mut().filter_map(|(c, _)| c.poll_timeout()).min();
+            let next = conns
+                .values_mut()
+                .filter_map(|(c, _)| c.poll_timeout())
+                .min();
             wait(&s, next);
         }
         println!(
@@ -943,9 +969,8 @@ mod proto {
             .with_root_certificates(roots)
             .with_no_client_auth();
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let mut cc = ClientConfig::new(Arc::new(
-            QuicClientConfig::try_from(tls).expect("QUIC TLS"),
-        ));
+        let mut cc =
+            ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).expect("QUIC TLS")));
         cc.transport_config(transport());
         let mut ep = endpoint(None);
         let s = socket();
@@ -959,18 +984,11 @@ mod proto {
         let (mut buf, mut out) = (BytesMut::new(), Vec::new());
         loop {
             let now = Instant::now();
-            for _ in 0..RECV_BATCH {
-                let Ok(from) = recv(&s, &mut buf) else {
-                    break;
-                };
-                let data = buf.split();
-                out.clear();
-                if let Some(DatagramEvent::ConnectionEvent(_, ev)) =
-                    ep.handle(now, from, None, None, data, &mut out)
-                {
+            take_datagrams(&s, &mut ep, &mut buf, &mut out, now, |_, ev, _| {
+                if let DatagramEvent::ConnectionEvent(_, ev) = ev {
                     conn.handle_event(ev);
                 }
-            }
+            });
             let now = Instant::now();
             if conn.poll_timeout().is_some_and(|t| t <= now) {
                 conn.handle_timeout(now);
