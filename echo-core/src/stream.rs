@@ -905,7 +905,8 @@ impl StreamClient {
                 Ok(())
             }
             Output::Direct { writer, pending } => {
-                settle_cancelled(pending, &self.window, &self.peer)?;
+                // A payload whose flush was cancelled is flushed with this one.
+                settle_cancelled(pending, &self.window, &self.peer, self.payload_size)?;
                 self.window.acquire(1).await?;
                 let Some(w) = writer.get_mut().unwrap_or_else(|e| e.into_inner()) else {
                     return Err(Error::closed(format!("client for {} is closed", self.peer)));
@@ -938,8 +939,21 @@ impl StreamClient {
 
     /// [`Client::wait`] without boxing the future.
     pub async fn wait_acked(&mut self) -> Result<()> {
-        if let Output::Direct { pending, .. } = &mut self.output {
-            settle_cancelled(pending, &self.window, &self.peer)?;
+        if let Output::Direct { writer, pending } = &mut self.output {
+            if settle_cancelled(pending, &self.window, &self.peer, self.payload_size)? {
+                if let Some(w) = writer.get_mut().unwrap_or_else(|e| e.into_inner()) {
+                    // Cancelled again here, the payload still counts as sent and
+                    // the next call flushes it.
+                    *pending = Some(self.payload_size);
+                    let r = w.flush().await;
+                    *pending = None;
+                    if let Err(e) = r {
+                        let msg = format!("connection to {} lost: {e}", self.peer);
+                        self.window.close(msg.clone());
+                        return Err(Error::closed(msg));
+                    }
+                }
+            }
         }
         self.window.wait_all().await
     }
@@ -964,8 +978,11 @@ impl StreamClient {
             }
             Output::Direct { writer, pending } => {
                 let w = writer.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-                // After a write cancelled half-way, just drop the stream.
-                if let (Some(mut w), None | Some(0)) = (w, *pending) {
+                // After a write cancelled half-way, just drop the stream (a
+                // payload written whole is flushed by the shutdown).
+                let in_step =
+                    matches!(*pending, None | Some(0)) || *pending == Some(self.payload_size);
+                if let (Some(mut w), true) = (w, in_step) {
                     let _ = timeout(std::time::Duration::from_secs(5), w.shutdown()).await;
                 }
             }
@@ -978,19 +995,23 @@ impl StreamClient {
 }
 
 /// Deals with a direct `send` that was cancelled: one that wrote nothing gives its
-/// window slot back; one that wrote part of a payload leaves the stream out of step,
-/// which closes the client.
+/// window slot back; one that wrote its whole payload and was cancelled while
+/// flushing counts as sent, and returns true (the writer still owes a flush,
+/// which the next write's flush, `wait` or `close` gives it); one that wrote
+/// part of a payload leaves the stream out of step, which closes the client.
 fn settle_cancelled(
     pending: &mut Option<usize>,
     window: &InflightWindow,
     peer: &str,
-) -> Result<()> {
+    payload_size: usize,
+) -> Result<bool> {
     match pending.take() {
-        None => Ok(()),
+        None => Ok(false),
         Some(0) => {
             window.unsend(1);
-            Ok(())
+            Ok(false)
         }
+        Some(done) if done == payload_size => Ok(true),
         Some(done) => {
             let msg = format!(
                 "a send to {peer} was cancelled after {done} bytes of its payload; \
@@ -1617,5 +1638,100 @@ mod tests {
         buffered_sends_case(64).await;
         buffered_sends_case(OWNED_QUEUE_MIN).await;
         buffered_sends_case(3 * OWNED_QUEUE_MIN + 4).await;
+    }
+
+    /// A writer whose flush stays pending while `hold` is set (and which keeps
+    /// what it is given until flushed: wrap a `BufWriter`).
+    struct FlushGate<W> {
+        inner: W,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for FlushGate<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.hold.load(std::sync::atomic::Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// A direct send cancelled while flushing a payload it wrote whole: the
+    /// payload counts as sent, and the client goes on (`then_wait`: the next
+    /// call is `wait`, which flushes it; otherwise another send).
+    async fn cancelled_flush_case(then_wait: bool) {
+        let spec = kit_spec(DIRECT_WRITE_MIN);
+        let (ours, mut peer) = tokio::io::duplex(4 * DIRECT_WRITE_MIN);
+        let (r, w) = tokio::io::split(ours);
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let w = FlushGate {
+            inner: tokio::io::BufWriter::with_capacity(1 << 20, w),
+            hold: hold.clone(),
+        };
+        peer.write_all(&wire::handshake_bytes(&spec.wire()))
+            .await
+            .unwrap();
+        let mut client =
+            StreamClient::connect(r, w, &spec, &ClientOptions::default(), false, "p".into())
+                .await
+                .unwrap();
+        let first = sample(&spec, 0);
+        let cancelled = timeout(
+            std::time::Duration::from_millis(50),
+            client.send_payload(&first),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the flush was held");
+        hold.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut want = vec![first];
+        if !then_wait {
+            let second = sample(&spec, 1);
+            client.send_payload(&second).await.unwrap();
+            want.push(second);
+        }
+        let len = spec.payload_size();
+        let n = want.len();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                let mut p = vec![0u8; len];
+                peer.read_exact(&mut p).await.unwrap();
+                got.push(p);
+            }
+            peer.write_all(&vec![wire::ACK; n]).await.unwrap();
+            (got, peer)
+        });
+        timeout(std::time::Duration::from_secs(10), client.wait_acked())
+            .await
+            .expect("every payload flushed and acknowledged")
+            .unwrap();
+        assert_eq!(client.stats().acked, n as u64);
+        let (got, _peer) = reader.await.unwrap();
+        assert!(got == want, "payloads differ");
+        client.close_stream().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_send_cancelled_while_flushing_a_whole_payload_counts_as_sent() {
+        cancelled_flush_case(false).await;
+        cancelled_flush_case(true).await;
     }
 }
