@@ -2,7 +2,7 @@
 //! client) beside our `tcp://` transport, same server, same load generator.
 //!
 //! ```text
-//! cargo run --release -p echo-quic --example bench_quic            # full run (about 2 minutes)
+//! cargo run --release -p echo-quic --example bench_quic            # full run (about 3 minutes)
 //! cargo run --release -p echo-quic --example bench_quic -- --quick # a smoke run
 //! cargo run --release -p echo-quic --example bench_quic -- \
 //!     --sizes 1048576 --clients 1 --targets quic1 --quic-query 'cc=bbr'   # try a setting
