@@ -928,11 +928,7 @@ impl StreamClient {
                 }
                 .await;
                 *pending = None;
-                r.map_err(|e: io::Error| {
-                    let msg = format!("connection to {} lost: {e}", self.peer);
-                    self.window.close(msg.clone());
-                    Error::closed(msg)
-                })
+                r.map_err(|e| lost(&self.window, &self.peer, e))
             }
         }
     }
@@ -947,11 +943,7 @@ impl StreamClient {
                     *pending = Some(self.payload_size);
                     let r = w.flush().await;
                     *pending = None;
-                    if let Err(e) = r {
-                        let msg = format!("connection to {} lost: {e}", self.peer);
-                        self.window.close(msg.clone());
-                        return Err(Error::closed(msg));
-                    }
+                    r.map_err(|e| lost(&self.window, &self.peer, e))?;
                 }
             }
         }
@@ -992,6 +984,14 @@ impl StreamClient {
             .close(format!("client for {} is closed", self.peer));
         Ok(())
     }
+}
+
+/// A write or read on the connection to `peer` failed: closes `window` (so
+/// every waiting and later call gets the reason) and returns that reason.
+fn lost(window: &InflightWindow, peer: &str, e: io::Error) -> Error {
+    let msg = format!("connection to {peer} lost: {e}");
+    window.close(msg.clone());
+    Error::closed(msg)
 }
 
 /// Deals with a direct `send` that was cancelled: one that wrote nothing gives its
@@ -1059,7 +1059,7 @@ async fn read_acks<R: AsyncRead + DirectRecv + Unpin>(
                 }
             }
             Err(e) => {
-                window.close(format!("connection to {peer} lost: {e}"));
+                lost(&window, &peer, e);
                 return;
             }
         }
@@ -1093,7 +1093,7 @@ async fn write_out<W: AsyncWrite + Unpin>(
             }
             .await;
             if let Err(e) = r {
-                window.close(format!("connection to {peer} lost: {e}"));
+                lost(&window, &peer, e);
                 return;
             }
             local.clear();
@@ -1583,16 +1583,49 @@ mod tests {
         mock.q().not_worth_polling = true;
         assert!(busy_poll_for(&mock, 64, second).budget().is_zero());
     }
+    /// A client half over an in-memory pipe whose peer has already sent the
+    /// handshake for `spec`: the client's reader and writer, and the peer.
+    async fn handshaken(
+        spec: &Spec,
+        capacity: usize,
+    ) -> (
+        tokio::io::ReadHalf<DuplexStream>,
+        tokio::io::WriteHalf<DuplexStream>,
+        DuplexStream,
+    ) {
+        let (ours, mut peer) = tokio::io::duplex(capacity);
+        peer.write_all(&wire::handshake_bytes(&spec.wire()))
+            .await
+            .unwrap();
+        let (r, w) = tokio::io::split(ours);
+        (r, w, peer)
+    }
+
+    /// The peer's side: reads `n` payloads of `len` bytes, acknowledging each,
+    /// and returns them (and itself, so that the pipe stays open).
+    fn read_and_ack(
+        mut peer: DuplexStream,
+        n: usize,
+        len: usize,
+    ) -> tokio::task::JoinHandle<(Vec<Vec<u8>>, DuplexStream)> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..n {
+                let mut p = vec![0u8; len];
+                peer.read_exact(&mut p).await.unwrap();
+                got.push(p);
+                peer.write_all(&[wire::ACK]).await.unwrap();
+            }
+            (got, peer)
+        })
+    }
+
     /// A buffered client fed payloads both ways: what the peer reads is every
     /// payload, whole and in order, whether it was copied into the outgoing
     /// buffer (borrowed, or owned and small) or queued by reference.
     async fn buffered_sends_case(size: usize) {
         let spec = kit_spec(size);
-        let (ours, mut peer) = tokio::io::duplex(1 << 16);
-        let (r, w) = tokio::io::split(ours);
-        peer.write_all(&wire::handshake_bytes(&spec.wire()))
-            .await
-            .unwrap();
+        let (r, w, peer) = handshaken(&spec, 1 << 16).await;
         let opts = ClientOptions {
             max_inflight: 4,
             ..ClientOptions::default()
@@ -1603,16 +1636,7 @@ mod tests {
         let n = 24u32;
         let want: Vec<Vec<u8>> = (0..n).map(|i| sample(&spec, i)).collect();
         let len = spec.payload_size();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            for _ in 0..n {
-                let mut p = vec![0u8; len];
-                peer.read_exact(&mut p).await.unwrap();
-                got.push(p);
-                peer.write_all(&[wire::ACK]).await.unwrap();
-            }
-            got
-        });
+        let reader = read_and_ack(peer, n as usize, len);
         for (i, p) in want.iter().enumerate() {
             // Runs of each kind, so that queued payloads follow copied ones
             // and the other way round.
@@ -1626,7 +1650,7 @@ mod tests {
             }
         }
         client.wait_acked().await.unwrap();
-        let got = reader.await.unwrap();
+        let (got, _peer) = reader.await.unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(g == w, "payload {i} of {len} B differs");
         }
@@ -1679,16 +1703,12 @@ mod tests {
     /// call is `wait`, which flushes it; otherwise another send).
     async fn cancelled_flush_case(then_wait: bool) {
         let spec = kit_spec(DIRECT_WRITE_MIN);
-        let (ours, mut peer) = tokio::io::duplex(4 * DIRECT_WRITE_MIN);
-        let (r, w) = tokio::io::split(ours);
+        let (r, w, peer) = handshaken(&spec, 4 * DIRECT_WRITE_MIN).await;
         let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let w = FlushGate {
             inner: tokio::io::BufWriter::with_capacity(1 << 20, w),
             hold: hold.clone(),
         };
-        peer.write_all(&wire::handshake_bytes(&spec.wire()))
-            .await
-            .unwrap();
         let mut client =
             StreamClient::connect(r, w, &spec, &ClientOptions::default(), false, "p".into())
                 .await
@@ -1707,18 +1727,8 @@ mod tests {
             client.send_payload(&second).await.unwrap();
             want.push(second);
         }
-        let len = spec.payload_size();
         let n = want.len();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            for _ in 0..n {
-                let mut p = vec![0u8; len];
-                peer.read_exact(&mut p).await.unwrap();
-                got.push(p);
-            }
-            peer.write_all(&vec![wire::ACK; n]).await.unwrap();
-            (got, peer)
-        });
+        let reader = read_and_ack(peer, n, spec.payload_size());
         timeout(std::time::Duration::from_secs(10), client.wait_acked())
             .await
             .expect("every payload flushed and acknowledged")
