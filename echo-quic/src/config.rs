@@ -58,10 +58,11 @@ pub struct Tuning {
     /// datagram per system call instead of using `gso`: the kernel's cost per
     /// byte stays about the same, and quinn's per-packet work (headers,
     /// encryption calls, acknowledgements) drops. 0 treats loopback like any
-    /// other path (`max_mtu`). Each received datagram is a 64 KiB allocation
-    /// inside quinn: with glibc, a server process should keep freed memory
-    /// for reuse ([`echo_core::heap::server_heap`], which echo-server calls),
-    /// or those allocations cost page faults (BENCHMARKS.md, "QUIC").
+    /// other path (`max_mtu`). Each large datagram a server receives keeps
+    /// the 64 KiB buffer it was received in until its bytes are read: with
+    /// glibc, a server process should keep freed memory for reuse
+    /// ([`echo_core::heap::server_heap`], which echo-server calls), or those
+    /// allocations cost page faults (BENCHMARKS.md, "QUIC").
     pub loopback_mtu: u16,
     /// Congestion controller (`cc`: `cubic`, the default, `bbr` or `newreno`).
     pub congestion: Congestion,
@@ -72,7 +73,9 @@ pub struct Tuning {
     /// (`ack_threshold`; 0, the default, leaves QUIC's usual ack-every-other-packet
     /// and does not negotiate the ACK-frequency extension).
     pub ack_threshold: u32,
-    /// Whether to hand the kernel several datagrams per send (`gso`, default true).
+    /// Whether to hand the kernel several datagrams per send (`gso`, default
+    /// true). Clients only: a server sends one datagram per call (mostly
+    /// acknowledgements), and receives with offload where the system has it.
     pub gso: bool,
     /// Idle time after which a connection is dropped (`idle_timeout` in seconds,
     /// default 30). Clients send keep-alives at a third of it.
@@ -308,6 +311,22 @@ impl Tuning {
 
     /// A UDP socket bound to `addr` with the configured buffer sizes.
     pub(crate) fn socket(&self, addr: SocketAddr) -> Result<UdpSocket> {
+        Ok(self.socket_with_state(addr)?.0)
+    }
+
+    /// A server endpoint's socket ([`socket`](Self::socket), with receive
+    /// offload on where the system has it: the server's driver splits what
+    /// it receives by the segment size the kernel reports), and whether the
+    /// system may fragment datagrams sent on it (then path-MTU discovery is off).
+    pub(crate) fn server_socket(&self, addr: SocketAddr) -> Result<(UdpSocket, bool)> {
+        let (socket, state) = self.socket_with_state(addr)?;
+        Ok((socket, state.may_fragment()))
+    }
+
+    fn socket_with_state(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(UdpSocket, quinn::udp::UdpSocketState)> {
         let socket = UdpSocket::bind(addr).map_err(|e| {
             Error::Io(std::io::Error::new(
                 e.kind(),
@@ -322,7 +341,7 @@ impl Tuning {
         if let Err(e) = state.set_send_buffer_size((&socket).into(), self.udp_buffer) {
             tracing::debug!("quic: cannot set UDP send buffer: {e}");
         }
-        Ok(socket)
+        Ok((socket, state))
     }
 }
 

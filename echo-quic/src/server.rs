@@ -1,25 +1,20 @@
-//! The `quic://` server: a quinn endpoint whose client-opened bidirectional
-//! streams each carry wire v1 (client hello first), served by core's stream driver.
+//! The `quic://` server: a QUIC endpoint (quinn-proto, driven by our own
+//! [`Driver`]) whose client-opened bidirectional streams each carry wire v1
+//! (client hello first), served by core's stream driver.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use echo_core::ingress::ShutdownSignal;
-use echo_core::stream::{serve_stream_direct, Stopper, StreamEnd};
+use echo_core::stream::Stopper;
 use echo_core::transport::{host_port, query_param};
 use echo_core::{Error, Ingress, Result, Transport, TransportFactory, Url};
-use quinn::crypto::rustls::QuicServerConfig;
-use quinn::{Endpoint, Incoming, VarInt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::timeout;
+use quinn_proto::crypto::rustls::QuicServerConfig;
+use tokio::sync::oneshot;
 
 use crate::config::{Peer, Tuning};
-use crate::recv::{worth_looking_ahead, QuicReader};
+use crate::endpoint::Driver;
 use crate::tls;
 
 /// Application error code: a stream or connection the server refused (a limit).
@@ -51,9 +46,9 @@ pub struct QuicTransport {
     cert_path: PathBuf,
     /// A generated certificate written to the default path, removed at shutdown.
     remove_cert: bool,
-    endpoint: Endpoint,
     stopper: Stopper,
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Completes once the endpoint's driver has stopped.
+    stopped: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 fn url_err(url: &Url, reason: impl Into<String>) -> Error {
@@ -135,7 +130,7 @@ impl TransportFactory for QuicTransportFactory {
                     .collect()
             });
 
-        let socket = tuning.socket(addr)?;
+        let (socket, may_fragment) = tuning.server_socket(addr)?;
         let bound = socket.local_addr()?;
         let mut remove_cert = false;
         // A generated certificate is written once the endpoint is up, so a bind
@@ -175,7 +170,7 @@ impl TransportFactory for QuicTransportFactory {
             .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
         let crypto = Arc::new(crypto);
         let server_config = |peer| {
-            let mut c = quinn::ServerConfig::with_crypto(crypto.clone());
+            let mut c = quinn_proto::ServerConfig::with_crypto(crypto.clone());
             c.transport_config(Arc::new(tuning.transport(max_streams, false, peer)));
             // No connection migration: peers are on a LAN, and it keeps peer names stable.
             c.migration(false);
@@ -188,17 +183,16 @@ impl TransportFactory for QuicTransportFactory {
             Peer::of(bound.ip())
         };
         let loopback_config = Arc::new(server_config(Peer::Loopback));
-        let endpoint = Endpoint::new(
-            tuning.endpoint(endpoint_peers),
-            Some(server_config(Peer::Remote)),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let endpoint = quinn_proto::Endpoint::new(
+            Arc::new(tuning.endpoint(endpoint_peers)),
+            Some(Arc::new(server_config(Peer::Remote))),
+            // Path-MTU discovery only where oversized datagrams are dropped,
+            // not fragmented.
+            !may_fragment,
+            None,
+        );
         if let Some(pem) = pem_to_write {
-            if let Err(e) = tls::write_cert(&cert_path, &pem) {
-                endpoint.close(CODE_SHUTDOWN.into(), b"");
-                return Err(e);
-            }
+            tls::write_cert(&cert_path, &pem)?;
         }
 
         let mut local = Url::parse(&format!("quic://{bound}"))
@@ -211,18 +205,14 @@ impl TransportFactory for QuicTransportFactory {
             }
         }
         let stopper = Stopper::default();
-        let look_ahead = LookAhead {
-            loopback: worth_looking_ahead(tuning.path(Peer::Loopback).0),
-            remote: worth_looking_ahead(tuning.path(Peer::Remote).0),
-        };
-        let task = tokio::spawn(accept_loop(
-            endpoint.clone(),
+        let stopped = Driver::start(
+            socket,
+            endpoint,
             loopback_config,
-            look_ahead,
             ingress,
             stopper.signal(),
             max_conns,
-        ));
+        )?;
         tracing::info!(
             "quic: listening on {bound} (certificate {})",
             cert_path.display()
@@ -231,9 +221,8 @@ impl TransportFactory for QuicTransportFactory {
             url: local,
             cert_path,
             remove_cert,
-            endpoint,
             stopper,
-            task: tokio::sync::Mutex::new(Some(task)),
+            stopped: tokio::sync::Mutex::new(Some(stopped)),
         }))
     }
 }
@@ -252,155 +241,17 @@ impl Transport for QuicTransport {
     }
 
     async fn shutdown(&self) -> Result<()> {
+        // The driver waits for its streams, then closes every connection and
+        // lets the close frames go out.
         self.stopper.stop();
-        if let Some(task) = self.task.lock().await.take() {
-            let _ = task.await;
+        if let Some(stopped) = self.stopped.lock().await.take() {
+            // An error only means the driver's thread is gone too.
+            let _ = stopped.await;
         }
-        self.endpoint
-            .close(CODE_SHUTDOWN.into(), b"server shutting down");
-        // Let the close frames go out; connections are already closed.
-        let _ = timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         if self.remove_cert {
             // Its key died with this listener; a restarted server writes a new one.
             let _ = std::fs::remove_file(&self.cert_path);
         }
         Ok(())
-    }
-}
-
-async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
-    tokio::select! {
-        _ = a.wait() => {},
-        _ = b.wait() => {},
-    }
-}
-
-/// Whether served streams look ahead ([`QuicReader`]), by the kind of peer.
-#[derive(Debug, Clone, Copy)]
-struct LookAhead {
-    loopback: bool,
-    remote: bool,
-}
-
-async fn accept_loop(
-    endpoint: Endpoint,
-    loopback_config: Arc<quinn::ServerConfig>,
-    look_ahead: LookAhead,
-    ingress: Ingress,
-    mut stop: ShutdownSignal,
-    max_conns: usize,
-) {
-    let mut server_stop = ingress.shutdown_signal();
-    let slots = Arc::new(Semaphore::new(max_conns));
-    let counters = ingress.counters("quic");
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = either(&mut server_stop, &mut stop) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            incoming = endpoint.accept() => match incoming {
-                None => break,
-                Some(incoming) => match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let loopback = Peer::of(incoming.remote_address().ip()) == Peer::Loopback;
-                        let config = loopback.then(|| loopback_config.clone());
-                        let look_ahead = if loopback { look_ahead.loopback } else { look_ahead.remote };
-                        conns.spawn(serve_connection(
-                            incoming, config, look_ahead, permit, ingress.clone(), stop.clone(),
-                        ));
-                    }
-                    Err(_) => {
-                        counters.connections_refused.fetch_add(1, Relaxed);
-                        tracing::warn!(
-                            "quic: refused {}: {max_conns} connections open (max_conns)",
-                            incoming.remote_address()
-                        );
-                        incoming.refuse();
-                    }
-                },
-            },
-        }
-    }
-    // Connection tasks watch the same signals; wait until each has closed.
-    while conns.join_next().await.is_some() {}
-}
-
-/// Serves one connection; `config` replaces the endpoint's server config (for
-/// loopback peers); `look_ahead` for its streams' [`QuicReader`]s.
-async fn serve_connection(
-    incoming: Incoming,
-    config: Option<Arc<quinn::ServerConfig>>,
-    look_ahead: bool,
-    _slot: OwnedSemaphorePermit,
-    ingress: Ingress,
-    mut stop: ShutdownSignal,
-) {
-    let remote = incoming.remote_address();
-    let limit = ingress.limits().handshake_timeout;
-    let counters = ingress.counters("quic");
-    let handshake = async {
-        match config {
-            Some(c) => incoming.accept_with(c)?.await,
-            None => incoming.await,
-        }
-    };
-    let conn = match timeout(limit, handshake).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            counters.connections_refused.fetch_add(1, Relaxed);
-            tracing::info!(
-                "quic {remote}: handshake failed: {}",
-                crate::describe_connection_error(&e)
-            );
-            return;
-        }
-        Err(_) => {
-            counters.connections_refused.fetch_add(1, Relaxed);
-            tracing::info!("quic {remote}: no QUIC handshake within {limit:?}");
-            return;
-        }
-    };
-    tracing::debug!("quic {remote}: connected");
-    let mut server_stop = ingress.shutdown_signal();
-    let mut streams = JoinSet::new();
-    let stopping = loop {
-        tokio::select! {
-            _ = either(&mut server_stop, &mut stop) => break true,
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            accepted = conn.accept_bi() => match accepted {
-                Ok((mut send, mut recv)) => {
-                    let peer = format!("{remote} stream {}", recv.id());
-                    match ingress.open("quic", peer.clone()) {
-                        Ok(c) => {
-                            let stop = stop.clone();
-                            streams.spawn(async move {
-                                match serve_stream_direct(QuicReader::new(recv, look_ahead), send, c, true, stop).await {
-                                    Ok(StreamEnd::EofMidPayload { discarded }) => tracing::debug!(
-                                        "quic {peer}: closed mid-payload, {discarded} bytes discarded"
-                                    ),
-                                    Ok(_) => tracing::debug!("quic {peer}: closed"),
-                                    Err(e) => tracing::info!("quic {peer}: {e}"),
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!("quic: refused {peer}: {e}");
-                            let _ = send.reset(CODE_REFUSED.into());
-                            let _ = recv.stop(CODE_REFUSED.into());
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!("quic {remote}: {}", crate::describe_connection_error(&e));
-                    break false;
-                }
-            },
-        }
-    };
-    // On shutdown each stream task returns promptly (it watches the same signals);
-    // when the peer left, its streams fail their next read.
-    while streams.join_next().await.is_some() {}
-    if stopping {
-        conn.close(VarInt::from_u32(CODE_SHUTDOWN), b"server shutting down");
     }
 }

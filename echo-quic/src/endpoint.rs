@@ -1,0 +1,773 @@
+//! The server's QUIC endpoint: quinn's protocol state machine (quinn-proto)
+//! driven by one task of ours instead of quinn's I/O layer.
+//!
+//! quinn's endpoint task receives each datagram into a buffer of its own,
+//! copies it into a fresh allocation, and hands it through a channel to the
+//! connection's task, which decrypts it and wakes the stream's task: three
+//! tasks and one copy per datagram before the stream driver sees a byte. Here
+//! one driver task owns the socket and the endpoint, receives each large
+//! datagram straight into the buffer it stays in, and processes it in the
+//! connection at once (decryption included); a stream's task is woken only
+//! once what it waits for has arrived (a whole payload when it receives
+//! directly into the store). The stream tasks send what their own reads and
+//! writes produce (acknowledgements, flow-control credit) themselves, under
+//! the connection's lock. BENCHMARKS.md ("QUIC") has the measurements: the
+//! server's CPU per MiB at 1 MiB falls by about a third.
+//!
+//! Connections stay quinn-proto's: handshakes, loss recovery, congestion
+//! control, flow control, path-MTU discovery and timers are its, unchanged;
+//! this module only moves datagrams and wakes tasks.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use echo_core::ingress::ShutdownSignal;
+use echo_core::metrics::TransportCounters;
+use echo_core::stream::{serve_stream_direct, StreamEnd};
+use echo_core::Ingress;
+use quinn_proto::{
+    ConnectionError, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, Incoming, ReadError,
+    ReadableError, ServerConfig, StreamEvent, StreamId, VarInt, WriteError,
+};
+use tokio::io::AsyncWrite;
+use tokio::net::UdpSocket;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinSet;
+
+use crate::config::Peer;
+use crate::recv::{ChunkQueue, StreamReader};
+use crate::udp;
+use crate::server::{CODE_REFUSED, CODE_SHUTDOWN};
+
+/// Datagrams taken off the socket before the connections are driven (and
+/// send what they have to say, acknowledgements among it).
+const RECV_BATCH: usize = 32;
+/// Receives shorter than this are copied out of the receive buffer into an
+/// allocation of their own size, so the buffer is reused; longer ones keep it
+/// (no copy), and the next receive gets a new one. quinn-proto counts what
+/// out-of-order stream data costs by the packets' sizes, so without this a
+/// small datagram could pin a 64 KiB buffer it does not know of; at this size
+/// a buffer is at least a quarter used (receive offload fills it with
+/// datagrams of one sender).
+const COPY_BELOW: usize = 16 * 1024;
+/// Bytes the driver takes out of a stream ahead of its reader beyond the
+/// reader's low-water mark. Taking bytes out returns their flow-control
+/// credit to the peer, so this (and the mark) bounds what a stream holds here.
+pub(crate) const AHEAD: usize = 64 * 1024;
+/// How long the driver keeps going after closing its connections at shutdown
+/// (for the close frames to go out, and answer the peers' last packets).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// [`Shared::armed`] while the driver is working out its next timer.
+const SCANNING: u64 = 0;
+/// [`Shared::armed`] with no timer.
+const UNARMED: u64 = u64::MAX;
+
+/// What the driver and the stream tasks share: the socket, and the driver's
+/// wake-up.
+pub(crate) struct Shared {
+    socket: UdpSocket,
+    wake: Notify,
+    /// When the driver's timer fires, in µs after `epoch` (plus one), or
+    /// [`SCANNING`] / [`UNARMED`]: a stream task that makes a connection's
+    /// timer earlier wakes the driver.
+    armed: AtomicU64,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn ticks(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_micros() as u64 + 1
+    }
+
+    /// A connection's next timeout is now `t`: wakes the driver if its timer
+    /// is set later (or is being worked out).
+    fn timer_changed(&self, t: Option<Instant>) {
+        if let Some(t) = t {
+            let armed = self.armed.load(Acquire);
+            if armed == SCANNING || self.ticks(t) < armed {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Sends one datagram; `false` if the socket has no room for it now.
+    /// Other errors lose the datagram, as a lossy path would.
+    fn send(&self, data: &[u8], to: SocketAddr) -> bool {
+        match self.socket.try_send_to(data, to) {
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                tracing::trace!("quic: a datagram to {to} was not sent: {e}");
+                true
+            }
+        }
+    }
+}
+
+/// One connection: quinn-proto's state and our streams', behind one lock
+/// (held only for protocol work and queue updates, never across a copy of
+/// payload bytes or an await).
+pub(crate) struct Conn {
+    shared: Arc<Shared>,
+    state: Mutex<ConnState>,
+}
+
+impl Conn {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ConnState> {
+        // Every update under the lock is whole: a panic elsewhere cannot leave
+        // it half done.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends what `st` has to send and lets the driver know of a new timer or
+    /// a full socket; for stream tasks, after their reads and writes.
+    pub(crate) fn settle(&self, st: &mut ConnState) {
+        if st.flush(&self.shared, Instant::now()) {
+            self.shared.wake.notify_one();
+        }
+        self.shared.timer_changed(st.conn.poll_timeout());
+    }
+}
+
+/// A connection's state (see [`Conn`]).
+pub(crate) struct ConnState {
+    pub(crate) conn: quinn_proto::Connection,
+    pub(crate) streams: HashMap<StreamId, Slot>,
+    /// Why the connection ended, once it has.
+    lost: Option<ConnectionError>,
+    /// A datagram the socket had no room for; it goes before any other.
+    stash: Option<(Vec<u8>, SocketAddr)>,
+    tx: Vec<u8>,
+}
+
+/// A served stream's receive queue and waiting tasks.
+pub(crate) struct Slot {
+    /// Bytes taken out of quinn-proto and not read yet.
+    pub(crate) queue: ChunkQueue,
+    /// The reader's low-water mark (at least 1).
+    pub(crate) low_water: usize,
+    /// Queued bytes the waiting reader needs before it is woken.
+    want: usize,
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    /// The peer finished the stream and every byte is queued.
+    pub(crate) eof: bool,
+    /// The stream failed (reset by the peer, or its connection was lost); not
+    /// yet passed on to the reader.
+    failed: Option<io::Error>,
+    /// Reader and writer handles still alive.
+    handles: u8,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            queue: ChunkQueue::default(),
+            low_water: 1,
+            want: 1,
+            reader: None,
+            writer: None,
+            eof: false,
+            failed: None,
+            handles: 2,
+        }
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        self.eof || self.failed.is_some()
+    }
+
+    /// What a read finds once the queue is empty: the end (0), the error,
+    /// or `WouldBlock`.
+    pub(crate) fn after_queue(&mut self) -> io::Result<usize> {
+        if let Some(e) = self.failed.take() {
+            self.eof = true;
+            return Err(e);
+        }
+        if self.eof {
+            return Ok(0);
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    /// Registers the reader to be woken once `want` bytes are queued (or the
+    /// stream ended).
+    pub(crate) fn wait(&mut self, cx: &Context<'_>, want: usize) {
+        self.want = want.max(1);
+        match &mut self.reader {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
+    }
+
+    fn wake_reader(&mut self) {
+        if self.queue.len() >= self.want || self.ended() {
+            if let Some(w) = self.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn wake_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        if !self.ended() {
+            self.failed = Some(e);
+        }
+        self.wake_reader();
+        self.wake_writer();
+    }
+}
+
+impl ConnState {
+    /// Sends everything the connection has to send; `true` if the socket
+    /// filled up first (the rest waits in `stash` and in quinn-proto).
+    fn flush(&mut self, shared: &Shared, now: Instant) -> bool {
+        if let Some((data, to)) = &self.stash {
+            if !shared.send(data, *to) {
+                return true;
+            }
+            self.stash = None;
+        }
+        loop {
+            self.tx.clear();
+            let Some(t) = self.conn.poll_transmit(now, 1, &mut self.tx) else {
+                return false;
+            };
+            let data = &self.tx[..t.size];
+            if !shared.send(data, t.destination) {
+                self.stash = Some((data.to_vec(), t.destination));
+                return true;
+            }
+        }
+    }
+
+    /// Takes bytes of stream `id` out of quinn-proto into its queue until it
+    /// holds `want` (or the stream has no more for now, or ended).
+    pub(crate) fn pull(&mut self, id: StreamId, want: usize) {
+        let Some(slot) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if slot.ended() || slot.queue.len() >= want {
+            return;
+        }
+        let mut stream = self.conn.recv_stream(id);
+        let mut chunks = match stream.read(true) {
+            Ok(chunks) => chunks,
+            Err(ReadableError::ClosedStream) | Err(ReadableError::IllegalOrderedRead) => {
+                // Only a lost connection closes a stream we have not seen end.
+                slot.failed = Some(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the stream's connection closed",
+                ));
+                return;
+            }
+        };
+        while slot.queue.len() < want {
+            match chunks.next(want - slot.queue.len()) {
+                Ok(Some(chunk)) => slot.queue.push(chunk.bytes),
+                Ok(None) => {
+                    slot.eof = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(code)) => {
+                    slot.failed = Some(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        format!("the peer reset the stream (code {code})"),
+                    ));
+                    break;
+                }
+            }
+        }
+        // Whether credit is due goes out with the next flush anyway.
+        let _ = chunks.finalize();
+    }
+
+    /// The error a stream operation gets once the connection is gone.
+    pub(crate) fn lost_error(&self) -> Option<io::Error> {
+        self.lost.as_ref().map(|e| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("connection lost: {}", crate::describe_connection_error(e)),
+            )
+        })
+    }
+
+    /// A stream handle is gone; the slot goes with the last one.
+    pub(crate) fn release(&mut self, id: StreamId) {
+        if let Some(slot) = self.streams.get_mut(&id) {
+            slot.handles -= 1;
+            if slot.handles == 0 {
+                self.streams.remove(&id);
+            }
+        }
+    }
+}
+
+/// The write half of a served stream (acknowledgements and the handshake).
+/// Dropping it finishes the stream.
+pub(crate) struct StreamWriter {
+    conn: Arc<Conn>,
+    id: StreamId,
+}
+
+impl AsyncWrite for StreamWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.conn.lock();
+        if let Some(e) = st.lost_error() {
+            return Poll::Ready(Err(e));
+        }
+        let written = st.conn.send_stream(self.id).write(buf);
+        match written {
+            Ok(n) => {
+                self.conn.settle(&mut st);
+                Poll::Ready(Ok(n))
+            }
+            Err(WriteError::Blocked) => {
+                if let Some(slot) = st.streams.get_mut(&self.id) {
+                    slot.writer = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(WriteError::Stopped(code)) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("the peer stopped reading the stream (code {code})"),
+            ))),
+            Err(WriteError::ClosedStream) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the stream is closed",
+            ))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Writes go out as they are made.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.conn.lock();
+        let _ = st.conn.send_stream(self.id).finish();
+        self.conn.settle(&mut st);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        let mut st = self.conn.lock();
+        // Already finished, reset or stopped: nothing to do.
+        let _ = st.conn.send_stream(self.id).finish();
+        st.release(self.id);
+        self.conn.settle(&mut st);
+    }
+}
+
+/// The server's endpoint driver (see the module docs).
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    conns: HashMap<ConnectionHandle, Arc<Conn>>,
+    /// Connections still in their handshake, and when it must be done.
+    handshakes: HashMap<ConnectionHandle, Instant>,
+    loopback_config: Arc<ServerConfig>,
+    ingress: Ingress,
+    counters: Arc<TransportCounters>,
+    stop: ShutdownSignal,
+    max_conns: usize,
+    stopping: bool,
+    streams: JoinSet<()>,
+    out: Vec<u8>,
+}
+
+impl Driver {
+    /// Starts a driver for `endpoint` on `socket` (without receive offload),
+    /// `loopback_config` serving loopback peers, on a thread of its own with
+    /// a single-threaded Tokio runtime that also runs its stream tasks. The
+    /// returned receiver completes once it has stopped (see [`run`](Self::run)).
+    ///
+    /// One thread: a datagram is decrypted, and its stream's bytes copied out
+    /// into the store, by the same core, and waking a stream task is a queue
+    /// push instead of a wake-up of another worker (with four connections on
+    /// a two-core host's shared runtime, 10,500 context switches per second
+    /// instead of 2,800, and 15-35 % more CPU per MiB; BENCHMARKS.md "QUIC").
+    pub(crate) fn start(
+        socket: std::net::UdpSocket,
+        endpoint: Endpoint,
+        loopback_config: Arc<ServerConfig>,
+            ingress: Ingress,
+        stop: ShutdownSignal,
+        max_conns: usize,
+    ) -> io::Result<oneshot::Receiver<()>> {
+        socket.set_nonblocking(true)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let socket = {
+            // Registered with the driver's own runtime.
+            let _entered = rt.enter();
+            UdpSocket::from_std(socket)?
+        };
+        let driver = Driver {
+            shared: Arc::new(Shared {
+                socket,
+                wake: Notify::new(),
+                armed: AtomicU64::new(SCANNING),
+                epoch: Instant::now(),
+            }),
+            endpoint,
+            conns: HashMap::new(),
+            handshakes: HashMap::new(),
+            loopback_config,
+            counters: ingress.counters("quic"),
+            ingress,
+            stop,
+            max_conns,
+            stopping: false,
+            streams: JoinSet::new(),
+            out: Vec::new(),
+        };
+        let (done, stopped) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("echo-quic".into())
+            .spawn(move || {
+                rt.block_on(driver.run());
+                // Dropping the runtime here, off any async context.
+                drop(rt);
+                let _ = done.send(());
+            })?;
+        Ok(stopped)
+    }
+
+    /// Runs until the transport or the server stops: then waits for the
+    /// stream tasks, closes every connection and lingers for the close frames.
+    pub(crate) async fn run(mut self) {
+        let mut server_stop = self.ingress.shutdown_signal();
+        let mut stop = self.stop.clone();
+        let mut rx = BytesMut::new();
+        let mut closed_at: Option<Instant> = None;
+        loop {
+            self.receive(&mut rx);
+            let now = Instant::now();
+            let (next, blocked) = self.drive(now);
+            if self.stopping && self.streams.is_empty() {
+                match closed_at {
+                    None => {
+                        self.close_all(now);
+                        closed_at = Some(now);
+                        continue;
+                    }
+                    Some(t) if self.conns.is_empty() || now >= t + CLOSE_LINGER => break,
+                    Some(_) => {}
+                }
+            }
+            let next = match closed_at {
+                Some(t) => Some(next.map_or(t + CLOSE_LINGER, |n| n.min(t + CLOSE_LINGER))),
+                None => next,
+            };
+            let sleep = tokio::time::sleep_until(
+                next.map_or_else(|| Instant::now() + Duration::from_secs(3600), |t| t)
+                    .into(),
+            );
+            tokio::select! {
+                _ = either(&mut server_stop, &mut stop), if !self.stopping => {
+                    self.stopping = true;
+                }
+                Some(_) = self.streams.join_next(), if !self.streams.is_empty() => {}
+                _ = self.shared.socket.readable() => {}
+                _ = self.shared.wake.notified() => {}
+                _ = self.shared.socket.writable(), if blocked => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    /// Takes up to [`RECV_BATCH`] receives' worth of datagrams off the socket
+    /// and hands each datagram to the endpoint and its connection.
+    fn receive(&mut self, rx: &mut BytesMut) {
+        for _ in 0..RECV_BATCH {
+            let got = match udp::try_recv(&self.shared.socket, rx) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::trace!("quic: receive failed: {e}");
+                    rx.clear();
+                    continue;
+                }
+            };
+            
+            let mut data = if got.len < COPY_BELOW {
+                let small = BytesMut::from(&rx[..]);
+                rx.clear();
+                small
+            } else {
+                rx.split()
+            };
+            let now = Instant::now();
+            while !data.is_empty() {
+                let datagram = if data.len() > got.stride {
+                    data.split_to(got.stride)
+                } else {
+                    std::mem::take(&mut data)
+                };
+                self.datagram(now, got.from, datagram);
+            }
+        }
+    }
+
+    /// One datagram to the endpoint, and on to its connection.
+    fn datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
+        self.out.clear();
+        match self.endpoint.handle(now, from, None, None, data, &mut self.out) {
+            Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now),
+            Some(DatagramEvent::ConnectionEvent(h, ev)) => {
+                if let Some(c) = self.conns.get(&h) {
+                    c.lock().conn.handle_event(ev);
+                }
+            }
+            Some(DatagramEvent::Response(t)) => {
+                self.shared.send(&self.out[..t.size], t.destination);
+            }
+            None => {}
+        }
+    }
+
+    /// A peer's first packet: accepted, or refused over a limit.
+    fn incoming(&mut self, incoming: Incoming, now: Instant) {
+        let remote = incoming.remote_address();
+        if self.stopping || self.conns.len() >= self.max_conns {
+            self.counters.connections_refused.fetch_add(1, Relaxed);
+            if !self.stopping {
+                tracing::warn!(
+                    "quic: refused {remote}: {} connections open (max_conns)",
+                    self.max_conns
+                );
+            }
+            self.out.clear();
+            let t = self.endpoint.refuse(incoming, &mut self.out);
+            self.shared.send(&self.out[..t.size], t.destination);
+            return;
+        }
+        let config = (Peer::of(remote.ip()) == Peer::Loopback).then(|| self.loopback_config.clone());
+        self.out.clear();
+        match self.endpoint.accept(incoming, now, &mut self.out, config) {
+            Ok((h, conn)) => {
+                let conn = Arc::new(Conn {
+                    shared: self.shared.clone(),
+                    state: Mutex::new(ConnState {
+                        conn,
+                        streams: HashMap::new(),
+                        lost: None,
+                        stash: None,
+                        tx: Vec::new(),
+                    }),
+                });
+                self.conns.insert(h, conn);
+                self.handshakes
+                    .insert(h, now + self.ingress.limits().handshake_timeout);
+            }
+            Err(e) => {
+                self.counters.connections_refused.fetch_add(1, Relaxed);
+                tracing::info!("quic {remote}: handshake failed: {}", e.cause);
+                if let Some(t) = e.response {
+                    self.shared.send(&self.out[..t.size], t.destination);
+                }
+            }
+        }
+    }
+
+    /// Drives every connection: timers, handshake deadlines, endpoint and
+    /// application events, sending. Returns the next timer and whether the
+    /// socket filled up.
+    fn drive(&mut self, now: Instant) -> (Option<Instant>, bool) {
+        self.shared.armed.store(SCANNING, Release);
+        let mut next: Option<Instant> = None;
+        let mut blocked = false;
+        let conns: Vec<(ConnectionHandle, Arc<Conn>)> =
+            self.conns.iter().map(|(&h, c)| (h, c.clone())).collect();
+        for (h, c) in conns {
+            let mut st = c.lock();
+            if st.conn.poll_timeout().is_some_and(|t| t <= now) {
+                st.conn.handle_timeout(now);
+            }
+            if let Some(&deadline) = self.handshakes.get(&h) {
+                if deadline <= now {
+                    self.handshakes.remove(&h);
+                    self.counters.connections_refused.fetch_add(1, Relaxed);
+                    tracing::info!(
+                        "quic {}: no QUIC handshake within {:?}",
+                        st.conn.remote_address(),
+                        self.ingress.limits().handshake_timeout
+                    );
+                    st.conn
+                        .close(now, VarInt::from_u32(CODE_REFUSED), "handshake timeout".into());
+                } else {
+                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                }
+            }
+            self.events(h, &c, &mut st);
+            blocked |= st.flush(&self.shared, now);
+            self.endpoint_events(h, &mut st);
+            if st.conn.is_drained() {
+                self.conns.remove(&h);
+                self.handshakes.remove(&h);
+                continue;
+            }
+            if let Some(t) = st.conn.poll_timeout() {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        let armed = next.map_or(UNARMED, |t| self.shared.ticks(t));
+        self.shared.armed.store(armed, Release);
+        (next, blocked)
+    }
+
+    fn endpoint_events(&mut self, h: ConnectionHandle, st: &mut ConnState) {
+        while let Some(ev) = st.conn.poll_endpoint_events() {
+            if let Some(back) = self.endpoint.handle_event(h, ev) {
+                st.conn.handle_event(back);
+            }
+        }
+    }
+
+    /// A connection's application events: handshakes done, connections lost,
+    /// streams opened, readable and writable.
+    fn events(&mut self, h: ConnectionHandle, c: &Arc<Conn>, st: &mut ConnState) {
+        self.endpoint_events(h, st);
+        while let Some(ev) = st.conn.poll() {
+            match ev {
+                Event::Connected => {
+                    self.handshakes.remove(&h);
+                    tracing::debug!("quic {}: connected", st.conn.remote_address());
+                }
+                Event::ConnectionLost { reason } => {
+                    let remote = st.conn.remote_address();
+                    if self.handshakes.remove(&h).is_some() {
+                        self.counters.connections_refused.fetch_add(1, Relaxed);
+                        tracing::info!(
+                            "quic {remote}: handshake failed: {}",
+                            crate::describe_connection_error(&reason)
+                        );
+                    } else {
+                        tracing::debug!(
+                            "quic {remote}: {}",
+                            crate::describe_connection_error(&reason)
+                        );
+                    }
+                    st.lost = Some(reason);
+                    let e = st.lost_error();
+                    for slot in st.streams.values_mut() {
+                        slot.fail(e.as_ref().map_or_else(
+                            || io::ErrorKind::ConnectionAborted.into(),
+                            |e| io::Error::new(e.kind(), e.to_string()),
+                        ));
+                    }
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    while let Some(id) = st.conn.streams().accept(Dir::Bi) {
+                        self.open_stream(c, st, id);
+                    }
+                }
+                Event::Stream(StreamEvent::Readable { id }) => {
+                    if let Some(want) = st.streams.get(&id).map(|s| s.low_water.max(AHEAD)) {
+                        st.pull(id, want);
+                        if let Some(slot) = st.streams.get_mut(&id) {
+                            slot.wake_reader();
+                        }
+                    }
+                }
+                Event::Stream(
+                    StreamEvent::Writable { id }
+                    | StreamEvent::Finished { id }
+                    | StreamEvent::Stopped { id, .. },
+                ) => {
+                    if let Some(slot) = st.streams.get_mut(&id) {
+                        slot.wake_writer();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A client opened stream `id`: served by core's stream driver in a task
+    /// of its own, or refused (a limit, or shutdown).
+    fn open_stream(&mut self, c: &Arc<Conn>, st: &mut ConnState, id: StreamId) {
+        let remote = st.conn.remote_address();
+        let peer = format!("{remote} stream {id}");
+        let opened = if self.stopping {
+            Err(echo_core::Error::Shutdown)
+        } else {
+            self.ingress.open("quic", peer.clone())
+        };
+        let session = match opened {
+            Ok(session) => session,
+            Err(e) => {
+                tracing::warn!("quic: refused {peer}: {e}");
+                let code = if self.stopping {
+                    CODE_SHUTDOWN
+                } else {
+                    CODE_REFUSED
+                };
+                let _ = st.conn.send_stream(id).reset(code.into());
+                let _ = st.conn.recv_stream(id).stop(code.into());
+                return;
+            }
+        };
+        st.streams.insert(id, Slot::new());
+        // The stream's first bytes came with its opening.
+        st.pull(id, AHEAD);
+        let reader = StreamReader::new(c.clone(), id);
+        let writer = StreamWriter {
+            conn: c.clone(),
+            id,
+        };
+        let stop = self.stop.clone();
+        self.streams.spawn(async move {
+            match serve_stream_direct(reader, writer, session, true, stop).await {
+                Ok(StreamEnd::EofMidPayload { discarded }) => {
+                    tracing::debug!("quic {peer}: closed mid-payload, {discarded} bytes discarded")
+                }
+                Ok(_) => tracing::debug!("quic {peer}: closed"),
+                Err(e) => tracing::info!("quic {peer}: {e}"),
+            }
+        });
+    }
+
+    /// Closes every connection (shutdown); their close frames go out now.
+    fn close_all(&mut self, now: Instant) {
+        for c in self.conns.values() {
+            let mut st = c.lock();
+            st.conn.close(
+                now,
+                VarInt::from_u32(CODE_SHUTDOWN),
+                "server shutting down".into(),
+            );
+            st.flush(&self.shared, now);
+        }
+    }
+}
+
+async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
+    tokio::select! {
+        _ = a.wait() => {},
+        _ = b.wait() => {},
+    }
+}

@@ -1,0 +1,148 @@
+//! Receiving UDP datagrams straight into a buffer of their own, without
+//! zeroing it first, and with receive offload where the system has it: on
+//! Linux one call can return several datagrams of one sender glued together
+//! (UDP GRO), each but the last `stride` bytes long.
+
+use std::io;
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use tokio::net::UdpSocket;
+
+/// Room for the largest UDP payload there is (and for the largest batch that
+/// receive offload returns at once: it stays within one IP packet's 64 KiB).
+pub(crate) const MAX_RECEIVE: usize = 65_536;
+
+/// What one receive brought: `len` bytes from `from`, in datagrams of
+/// `stride` bytes (the last one may be shorter).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Received {
+    pub(crate) from: SocketAddr,
+    pub(crate) len: usize,
+    pub(crate) stride: usize,
+}
+
+/// Receives into `buf` (which must be empty) without waiting: `WouldBlock`
+/// when nothing is there.
+pub(crate) fn try_recv(socket: &UdpSocket, buf: &mut BytesMut) -> io::Result<Received> {
+    debug_assert!(buf.is_empty());
+    buf.reserve(MAX_RECEIVE);
+    sys::try_recv(socket, buf)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod sys {
+    use std::io;
+    use std::mem::{size_of, zeroed};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::AsRawFd;
+
+    use bytes::BytesMut;
+    use tokio::io::Interest;
+    use tokio::net::UdpSocket;
+
+    use super::Received;
+
+    /// Room for the control messages a socket set up by quinn-udp gets (packet
+    /// info, traffic class, receive offload), with some to spare.
+    #[repr(C, align(8))]
+    struct Control([u8; 256]);
+
+    pub(super) fn try_recv(socket: &UdpSocket, buf: &mut BytesMut) -> io::Result<Received> {
+        socket.try_io(Interest::READABLE, || recv(socket, buf))
+    }
+
+    fn recv(socket: &UdpSocket, buf: &mut BytesMut) -> io::Result<Received> {
+        let spare = buf.spare_capacity_mut();
+        let mut iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len(),
+        };
+        // SAFETY: plain C structs, valid zeroed.
+        let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut control = Control([0; 256]);
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = control.0.len() as _;
+        // SAFETY: every pointer in `msg` points at live memory of the length
+        // given with it; the kernel writes at most that much into each.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = n as usize;
+        // SAFETY: the kernel initialized the first `len` bytes of the spare room.
+        unsafe { buf.set_len(len) };
+        let mut stride = len;
+        // SAFETY: `msg` as filled in by recvmsg; the CMSG_* helpers stay
+        // within `msg_controllen` bytes of `control`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
+                    let segment =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                    if segment > 0 {
+                        stride = (segment as usize).min(len).max(1);
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let from = socket_addr(&addr)?;
+        Ok(Received { from, len, stride })
+    }
+
+    fn socket_addr(addr: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
+        match addr.ss_family as libc::c_int {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET),
+                // which fits in and is aligned for a sockaddr_storage.
+                let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                Ok(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: as above, for a sockaddr_in6 (family AF_INET6).
+                let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                Ok(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            family => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a datagram from an address of family {family}, not IPv4 or IPv6"),
+            )),
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod sys {
+    use std::io;
+
+    use bytes::BytesMut;
+    use tokio::net::UdpSocket;
+
+    use super::Received;
+
+    /// One datagram per call.
+    pub(super) fn try_recv(socket: &UdpSocket, buf: &mut BytesMut) -> io::Result<Received> {
+        let (len, from) = socket.try_recv_buf_from(buf)?;
+        Ok(Received {
+            from,
+            len,
+            stride: len.max(1),
+        })
+    }
+}
