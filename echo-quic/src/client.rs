@@ -258,6 +258,61 @@ fn stream_error(e: Error, peer: &str, i: usize) -> Error {
     }
 }
 
+/// Closes `conn` because connecting failed with `e` (returned), before the
+/// streams opened so far are dropped: a stream dropped first queues its end
+/// (FIN, RESET_STREAM, STOP_SENDING), and quinn-proto 0.11.19 sends no
+/// CONNECTION_CLOSE while congestion control holds back such queued frames
+/// (quinn issue 2785), so the server would keep the connection, and its
+/// `max_conns` slot, until its idle timeout. Closed first, they queue nothing
+/// more. (The loopback initial window in [`Tuning`] keeps the one case this
+/// cannot cover, a stream that failed inside its own handshake, from being
+/// held back early in a connection.)
+fn give_up(conn: &quinn::Connection, e: Error) -> Error {
+    conn.close(0u32.into(), b"client gave up connecting");
+    e
+}
+
+/// Opens the client's streams on `conn`, each with its share of the window
+/// (`caps`), and handshakes on each; on failure `conn` is closed first (see
+/// [`give_up`]).
+async fn open_streams(
+    conn: &quinn::Connection,
+    caps: &[usize],
+    target: &Target,
+    spec: &Spec,
+    options: &ClientOptions,
+    peer: &str,
+) -> Result<(Vec<StreamClient>, Vec<Arc<Lent>>)> {
+    let mut streams = Vec::with_capacity(caps.len());
+    let mut lent = Vec::with_capacity(caps.len());
+    let pool = Arc::new(PiecePool::new(target.tuning.send_window));
+    for (i, &cap) in caps.iter().enumerate() {
+        let (send, recv) = conn.open_bi().await.map_err(|e| {
+            give_up(
+                conn,
+                Error::closed(format!("{peer}: cannot open stream {i}: {e}")),
+            )
+        })?;
+        let opts = ClientOptions {
+            max_inflight: cap,
+            ..options.clone()
+        };
+        lent.push(Arc::new(Lent::default()));
+        let writer = FinishingSend::new(send, pool.clone(), lent[i].clone(), target.linger);
+        // One stream: large payloads are written straight from the caller's
+        // buffer. Several: always through each stream's outbox, so `send`
+        // never waits on a stream whose flow control stalled.
+        let stream = if caps.len() == 1 {
+            StreamClient::connect(recv, writer, spec, &opts, true, peer.to_string()).await
+        } else {
+            StreamClient::connect_buffered(recv, writer, spec, &opts, true, peer.to_string()).await
+        }
+        .map_err(|e| give_up(conn, stream_error(e, peer, i)))?;
+        streams.push(stream);
+    }
+    Ok((streams, lent))
+}
+
 #[async_trait]
 impl ClientFactory for QuicClientFactory {
     async fn connect(
@@ -273,48 +328,30 @@ impl ClientFactory for QuicClientFactory {
             None => target.addr.to_string(),
         };
         let caps = split_window(options.max_inflight, target.streams);
-        let setup = async {
-            let (endpoint, conn) = connect_quic(&target, &peer).await?;
-            let mut streams = Vec::with_capacity(target.streams);
-            let mut lent = Vec::with_capacity(target.streams);
-            let pool = Arc::new(PiecePool::new(target.tuning.send_window));
-            for (i, &cap) in caps.iter().enumerate() {
-                let (send, recv) = conn
-                    .open_bi()
-                    .await
-                    .map_err(|e| Error::closed(format!("{peer}: cannot open stream {i}: {e}")))?;
-                let opts = ClientOptions {
-                    max_inflight: cap,
-                    ..options.clone()
-                };
-                lent.push(Arc::new(Lent::default()));
-                let writer = FinishingSend::new(send, pool.clone(), lent[i].clone(), target.linger);
-                // One stream: large payloads are written straight from the caller's
-                // buffer. Several: always through each stream's outbox, so `send`
-                // never waits on a stream whose flow control stalled.
-                let stream = if caps.len() == 1 {
-                    StreamClient::connect(recv, writer, spec, &opts, true, peer.clone()).await
-                } else {
-                    StreamClient::connect_buffered(recv, writer, spec, &opts, true, peer.clone())
-                        .await
-                }
-                .map_err(|e| stream_error(e, &peer, i))?;
-                streams.push(stream);
-            }
-            Ok::<_, Error>((endpoint, conn, streams, lent))
+        let started = tokio::time::Instant::now();
+        let timed_out = || {
+            Error::Timeout(format!(
+                "connecting to {peer} with {} stream(s) took over {:?} (is a quic:// \
+                 server listening there, and does its max_streams allow {0}?)",
+                target.streams, options.connect_timeout
+            ))
         };
-        let (endpoint, conn, streams, lent) = match timeout(options.connect_timeout, setup).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::Timeout(format!(
-                    "connecting to {peer} with {} stream(s) took over {:?} (is a quic:// \
-                     server listening there, and does its max_streams allow {0}?)",
-                    target.streams, options.connect_timeout
-                )))
+        let (endpoint, conn) = timeout(options.connect_timeout, connect_quic(&target, &peer))
+            .await
+            .map_err(|_| timed_out())??;
+        let (streams, lent) = {
+            let open = open_streams(&conn, &caps, &target, spec, options, &peer);
+            tokio::pin!(open);
+            let left = options.connect_timeout.saturating_sub(started.elapsed());
+            match timeout(left, &mut open).await {
+                Ok(r) => r,
+                // Closed while the streams being set up are still alive (see
+                // `give_up`); they are dropped after it, with `open`.
+                Err(_) => Err(give_up(&conn, timed_out())),
             }
-        };
+        }?;
         Ok(Box::new(QuicClient {
-            peer,
+            peer: peer.clone(),
             payload_size: spec.payload_size(),
             endpoint,
             conn,

@@ -267,15 +267,36 @@ impl Tuning {
         // Probe again soon after a change of path instead of every 10 minutes.
         mtu.interval(Duration::from_secs(60));
         t.mtu_discovery_config(Some(mtu));
+        // With packets of up to 64 KiB (loopback), the usual initial window
+        // (14,720 bytes) is below one packet: start at four of them. It also
+        // keeps a path-MTU probe in flight from blocking everything else early
+        // in a connection, which matters at close: quinn-proto 0.11.19 holds
+        // back a CONNECTION_CLOSE while congestion control blocks the stream
+        // frames still queued (quinn issue 2785, fixed after that release), and
+        // the peer then learns of the close only by its idle timeout.
+        let initial_window = (peer == Peer::Loopback && self.loopback_mtu != 0)
+            .then(|| 4 * u64::from(max_mtu));
         match self.congestion {
-            Congestion::Cubic => {}
+            Congestion::Cubic => {
+                if let Some(w) = initial_window {
+                    let mut cc = quinn::congestion::CubicConfig::default();
+                    cc.initial_window(w);
+                    t.congestion_controller_factory(Arc::new(cc));
+                }
+            }
             Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+                let mut cc = quinn::congestion::BbrConfig::default();
+                if let Some(w) = initial_window {
+                    cc.initial_window(w);
+                }
+                t.congestion_controller_factory(Arc::new(cc));
             }
             Congestion::NewReno => {
-                t.congestion_controller_factory(Arc::new(
-                    quinn::congestion::NewRenoConfig::default(),
-                ));
+                let mut cc = quinn::congestion::NewRenoConfig::default();
+                if let Some(w) = initial_window {
+                    cc.initial_window(w);
+                }
+                t.congestion_controller_factory(Arc::new(cc));
             }
         }
         t
