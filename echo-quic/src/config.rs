@@ -274,8 +274,8 @@ impl Tuning {
         // back a CONNECTION_CLOSE while congestion control blocks the stream
         // frames still queued (quinn issue 2785, fixed after that release), and
         // the peer then learns of the close only by its idle timeout.
-        let initial_window = (peer == Peer::Loopback && self.loopback_mtu != 0)
-            .then(|| 4 * u64::from(max_mtu));
+        let initial_window =
+            (peer == Peer::Loopback && self.loopback_mtu != 0).then(|| 4 * u64::from(max_mtu));
         match self.congestion {
             Congestion::Cubic => {
                 if let Some(w) = initial_window {

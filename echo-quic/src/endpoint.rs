@@ -44,8 +44,8 @@ use tokio::task::JoinSet;
 
 use crate::config::Peer;
 use crate::recv::{ChunkQueue, StreamReader};
-use crate::udp;
 use crate::server::{CODE_REFUSED, CODE_SHUTDOWN};
+use crate::udp;
 
 /// Datagrams taken off the socket before the connections are driven (and
 /// send what they have to say, acknowledgements among it).
@@ -395,7 +395,17 @@ pub(crate) struct Driver {
     stopping: bool,
     streams: JoinSet<()>,
     out: Vec<u8>,
+    /// Tests only: where opened streams go instead of being served.
+    #[cfg_attr(not(test), allow(dead_code))]
+    tap: Option<Tap>,
 }
+
+/// Where a tapped driver hands its streams (tests of the stream handles).
+#[cfg(test)]
+pub(crate) type Tap = tokio::sync::mpsc::UnboundedSender<(StreamReader, StreamWriter)>;
+/// Outside tests no driver is tapped.
+#[cfg(not(test))]
+type Tap = std::convert::Infallible;
 
 impl Driver {
     /// Starts a driver for `endpoint` on `socket` (without receive offload),
@@ -412,9 +422,45 @@ impl Driver {
         socket: std::net::UdpSocket,
         endpoint: Endpoint,
         loopback_config: Arc<ServerConfig>,
-            ingress: Ingress,
+        ingress: Ingress,
         stop: ShutdownSignal,
         max_conns: usize,
+    ) -> io::Result<oneshot::Receiver<()>> {
+        Self::launch(
+            socket,
+            endpoint,
+            loopback_config,
+            ingress,
+            stop,
+            max_conns,
+            None,
+        )
+    }
+
+    /// [`start`](Self::start) for tests of the stream handles: every stream
+    /// opened is handed to `tap` (with a slot, but no ingress session and no
+    /// task) instead of being served.
+    #[cfg(test)]
+    pub(crate) fn start_tapped(
+        socket: std::net::UdpSocket,
+        endpoint: Endpoint,
+        config: Arc<ServerConfig>,
+        ingress: Ingress,
+        stop: ShutdownSignal,
+        tap: Tap,
+    ) -> io::Result<oneshot::Receiver<()>> {
+        Self::launch(socket, endpoint, config, ingress, stop, 16, Some(tap))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        socket: std::net::UdpSocket,
+        endpoint: Endpoint,
+        loopback_config: Arc<ServerConfig>,
+        ingress: Ingress,
+        stop: ShutdownSignal,
+        max_conns: usize,
+        tap: Option<Tap>,
     ) -> io::Result<oneshot::Receiver<()>> {
         socket.set_nonblocking(true)?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -443,6 +489,7 @@ impl Driver {
             stopping: false,
             streams: JoinSet::new(),
             out: Vec::new(),
+            tap,
         };
         let (done, stopped) = oneshot::channel();
         std::thread::Builder::new()
@@ -482,8 +529,9 @@ impl Driver {
                 Some(t) => Some(next.map_or(t + CLOSE_LINGER, |n| n.min(t + CLOSE_LINGER))),
                 None => next,
             };
+            // With no timer at all, an hour (any wake-up recomputes it).
             let sleep = tokio::time::sleep_until(
-                next.map_or_else(|| Instant::now() + Duration::from_secs(3600), |t| t)
+                next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
                     .into(),
             );
             tokio::select! {
@@ -512,7 +560,7 @@ impl Driver {
                     continue;
                 }
             };
-            
+
             let mut data = if got.len < COPY_BELOW {
                 let small = BytesMut::from(&rx[..]);
                 rx.clear();
@@ -535,7 +583,10 @@ impl Driver {
     /// One datagram to the endpoint, and on to its connection.
     fn datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
         self.out.clear();
-        match self.endpoint.handle(now, from, None, None, data, &mut self.out) {
+        match self
+            .endpoint
+            .handle(now, from, None, None, data, &mut self.out)
+        {
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now),
             Some(DatagramEvent::ConnectionEvent(h, ev)) => {
                 if let Some(c) = self.conns.get(&h) {
@@ -565,7 +616,8 @@ impl Driver {
             self.shared.send(&self.out[..t.size], t.destination);
             return;
         }
-        let config = (Peer::of(remote.ip()) == Peer::Loopback).then(|| self.loopback_config.clone());
+        let config =
+            (Peer::of(remote.ip()) == Peer::Loopback).then(|| self.loopback_config.clone());
         self.out.clear();
         match self.endpoint.accept(incoming, now, &mut self.out, config) {
             Ok((h, conn)) => {
@@ -616,8 +668,11 @@ impl Driver {
                         st.conn.remote_address(),
                         self.ingress.limits().handshake_timeout
                     );
-                    st.conn
-                        .close(now, VarInt::from_u32(CODE_REFUSED), "handshake timeout".into());
+                    st.conn.close(
+                        now,
+                        VarInt::from_u32(CODE_REFUSED),
+                        "handshake timeout".into(),
+                    );
                 } else {
                     next = Some(next.map_or(deadline, |n| n.min(deadline)));
                 }
@@ -710,6 +765,18 @@ impl Driver {
     /// A client opened stream `id`: served by core's stream driver in a task
     /// of its own, or refused (a limit, or shutdown).
     fn open_stream(&mut self, c: &Arc<Conn>, st: &mut ConnState, id: StreamId) {
+        #[cfg(test)]
+        if let Some(tap) = &self.tap {
+            st.streams.insert(id, Slot::new());
+            st.pull(id, AHEAD);
+            let reader = StreamReader::new(c.clone(), id);
+            let writer = StreamWriter {
+                conn: c.clone(),
+                id,
+            };
+            let _ = tap.send((reader, writer));
+            return;
+        }
         let remote = st.conn.remote_address();
         let peer = format!("{remote} stream {id}");
         let opened = if self.stopping {

@@ -283,7 +283,15 @@ impl Drop for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::{Driver, StreamWriter};
+    use echo_core::stream::Stopper;
     use proptest::prelude::*;
+    use quinn::crypto::rustls::QuicClientConfig;
+    use quinn::SendStream;
+    use quinn_proto::crypto::rustls::QuicServerConfig;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::time::timeout;
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -373,5 +381,214 @@ mod tests {
             out.extend_from_slice(&rest);
             prop_assert!(out == data, "bytes reordered or lost");
         }
+    }
+
+    /// What a stream pair needs kept alive: the client's endpoint and
+    /// connection, the server (its ingress) and the served stream's writer;
+    /// dropping it stops the driver.
+    struct Keep {
+        _client: (quinn::Endpoint, quinn::Connection, quinn::RecvStream),
+        _server: echo_core::Server,
+        _writer: StreamWriter,
+        _stopper: Stopper,
+    }
+
+    /// A quinn client's stream to a tapped driver, and the driver's reader of
+    /// it (one byte already read through it).
+    async fn stream_pair() -> (SendStream, StreamReader, Keep) {
+        let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
+        let server_tls = crate::tls::server_config(vec![cert.cert.clone()], cert.key).unwrap();
+        let config = Arc::new(quinn_proto::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).unwrap(),
+        )));
+        let endpoint = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            Some(config.clone()),
+            false,
+            None,
+        );
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
+            .build()
+            .unwrap();
+        let stopper = Stopper::default();
+        let (tap, mut tapped) = tokio::sync::mpsc::unbounded_channel();
+        Driver::start_tapped(
+            socket,
+            endpoint,
+            config,
+            server.ingress(),
+            stopper.signal(),
+            tap,
+        )
+        .unwrap();
+        let (client_tls, _) =
+            crate::tls::client_config(vec![cert.cert], std::path::Path::new("test")).unwrap();
+        let client_cfg =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = client
+            .connect_with(client_cfg, addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"x").await.unwrap();
+        let (mut reader, writer) = timeout(Duration::from_secs(10), tapped.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut one = [0u8; 1];
+        reader.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"x");
+        let keep = Keep {
+            _client: (client, conn, recv),
+            _server: server,
+            _writer: writer,
+            _stopper: stopper,
+        };
+        (send, reader, keep)
+    }
+
+    /// Reads `n` bytes with `recv_now`, waking on any byte (mark 1).
+    async fn recv_all(r: &StreamReader, n: usize) -> Vec<u8> {
+        r.set_low_water(1).unwrap();
+        let mut out = vec![0u8; n];
+        let mut at = 0;
+        while at < n {
+            match r.recv_now(&mut [IoSliceMut::new(&mut out[at..])]) {
+                Ok(0) => panic!("end of stream after {at} of {n} bytes"),
+                Ok(k) => at += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    timeout(Duration::from_secs(10), r.readable())
+                        .await
+                        .expect("readable in time")
+                        .unwrap();
+                }
+                Err(e) => panic!("read failed after {at} bytes: {e}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn readable_waits_for_the_low_water_mark_then_a_payload_reads_whole() {
+        let (mut send, reader, _keep) = stream_pair().await;
+        const P: usize = 100_000;
+        let data = pattern(2 * P);
+        assert_eq!(reader.set_low_water(P).unwrap(), Some(P));
+        assert_eq!(
+            reader.queued(P, true).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        send.write_all(&data[..P / 2]).await.unwrap();
+        // Half a payload is not enough to wake the reader.
+        assert!(
+            timeout(Duration::from_millis(300), reader.readable())
+                .await
+                .is_err(),
+            "woke with half a payload"
+        );
+        send.write_all(&data[P / 2..]).await.unwrap();
+        let closed = timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("woke once a payload was queued")
+            .unwrap();
+        assert!(!closed);
+        let q = reader.queued(P, true).unwrap();
+        assert!(q >= P, "{q} queued");
+        // The payload is read whole without waiting, from the queue.
+        let mut got = vec![0u8; P];
+        let n = reader.recv_now(&mut [IoSliceMut::new(&mut got)]).unwrap();
+        assert_eq!(n, P);
+        assert!(got == data[..P]);
+        // The rest, then the end of the stream.
+        send.finish().unwrap();
+        let rest = recv_all(&reader, P).await;
+        assert!(rest == data[P..]);
+        assert!(timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .unwrap()
+            .unwrap());
+        assert_eq!(
+            reader.recv_now(&mut [IoSliceMut::new(&mut got)]).unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn the_look_ahead_takes_no_more_than_its_mark() {
+        let (mut send, reader, _keep) = stream_pair().await;
+        // Within quinn's default stream window, so all of it can arrive.
+        let data = pattern(1_000_000);
+        send.write_all(&data).await.unwrap();
+        for mark in [300_001, 500_003] {
+            reader.set_low_water(mark).unwrap();
+            timeout(Duration::from_secs(10), reader.readable())
+                .await
+                .expect("woke at the mark")
+                .unwrap();
+            // Exactly the mark: the rest stays in quinn-proto, inside its window.
+            assert_eq!(reader.queued(0, false).unwrap(), mark);
+        }
+        // `queued` fills to its minimum the same way, once enough has come.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let q = loop {
+            match reader.queued(700_000, true) {
+                Ok(q) => break q,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "700,000 bytes in time"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(q, 700_000);
+        let got = recv_all(&reader, data.len()).await;
+        assert!(got == data);
+    }
+
+    #[tokio::test]
+    async fn buffered_reads_see_queued_bytes_first_and_a_reset_after_them() {
+        let (mut send, mut reader, _keep) = stream_pair().await;
+        let data = pattern(50_000);
+        send.write_all(&data).await.unwrap();
+        reader.set_low_water(40_000).unwrap();
+        timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        // Queued by the look-ahead; an ordinary read continues from there.
+        let mut got = vec![0u8; 10_000];
+        reader.read_exact(&mut got).await.unwrap();
+        assert!(got == data[..10_000]);
+        // A reset: what the look-ahead had taken is still delivered (a prefix of
+        // what was sent), then the error, once, then the end.
+        let q = reader.queued(0, false).unwrap();
+        assert!(q >= 30_000, "{q} queued");
+        send.reset(7u32.into()).unwrap();
+        reader.set_low_water(1 << 20).unwrap();
+        let closed = timeout(Duration::from_secs(10), reader.readable())
+            .await
+            .expect("the reset wakes the reader")
+            .unwrap();
+        assert!(closed);
+        let q = reader.queued(0, false).unwrap();
+        let rest = recv_all(&reader, q).await;
+        assert!(rest == data[10_000..10_000 + q]);
+        let mut buf = [0u8; 16];
+        let err = reader
+            .recv_now(&mut [IoSliceMut::new(&mut buf)])
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert_eq!(
+            reader.recv_now(&mut [IoSliceMut::new(&mut buf)]).unwrap(),
+            0
+        );
+        assert_eq!(reader.read(&mut buf).await.unwrap(), 0);
     }
 }

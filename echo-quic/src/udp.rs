@@ -103,7 +103,9 @@ mod sys {
             libc::AF_INET => {
                 // SAFETY: the kernel wrote a sockaddr_in (family AF_INET),
                 // which fits in and is aligned for a sockaddr_storage.
-                let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                let a = unsafe {
+                    &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
                 Ok(SocketAddr::V4(SocketAddrV4::new(
                     Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
                     u16::from_be(a.sin_port),
@@ -111,7 +113,9 @@ mod sys {
             }
             libc::AF_INET6 => {
                 // SAFETY: as above, for a sockaddr_in6 (family AF_INET6).
-                let a = unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                let a = unsafe {
+                    &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
                 Ok(SocketAddr::V6(SocketAddrV6::new(
                     Ipv6Addr::from(a.sin6_addr.s6_addr),
                     u16::from_be(a.sin6_port),
@@ -144,5 +148,70 @@ mod sys {
             len,
             stride: len.max(1),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Datagrams sent in one offloaded batch (GSO) come out of `try_recv`
+    /// either glued together with their segment size (receive offload) or one
+    /// by one; split by `stride`, they are the datagrams that were sent.
+    #[tokio::test]
+    async fn receive_offload_splits_into_the_datagrams_sent() {
+        let tuning = crate::Tuning::default();
+        let (rx, _) = tuning
+            .server_socket("127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = rx.local_addr().unwrap();
+        let rx = UdpSocket::from_std(rx).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&tx).into()).unwrap();
+        let segments = state.max_gso_segments().clamp(1, 8);
+        // Three batches: whole segments, a short last one, a single datagram.
+        let batches: Vec<Vec<Vec<u8>>> = vec![
+            (0..segments).map(|i| vec![i as u8; 1200]).collect(),
+            (0..segments)
+                .map(|i| vec![100 + i as u8; if i + 1 == segments { 700 } else { 1200 }])
+                .collect(),
+            vec![vec![250u8; 33]],
+        ];
+        let mut sent = Vec::new();
+        for batch in &batches {
+            let contents: Vec<u8> = batch.concat();
+            let transmit = quinn::udp::Transmit {
+                destination: to,
+                ecn: None,
+                contents: &contents,
+                segment_size: (batch.len() > 1).then_some(batch[0].len()),
+                src_ip: None,
+            };
+            state.send((&tx).into(), &transmit).unwrap();
+            sent.extend(batch.iter().cloned());
+        }
+        let mut got = Vec::new();
+        let mut buf = BytesMut::new();
+        while got.len() < sent.len() {
+            tokio::time::timeout(Duration::from_secs(5), rx.readable())
+                .await
+                .expect("datagrams in time")
+                .unwrap();
+            match try_recv(&rx, &mut buf) {
+                Ok(r) => {
+                    assert_eq!(r.len, buf.len());
+                    assert_eq!(r.from, tx.local_addr().unwrap());
+                    for d in buf.chunks(r.stride) {
+                        got.push(d.to_vec());
+                    }
+                    buf.clear();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, sent);
     }
 }
