@@ -1,24 +1,32 @@
 //! The server's QUIC endpoint: quinn's protocol state machine (quinn-proto)
-//! driven by one task of ours instead of quinn's I/O layer.
+//! driven by our own driver instead of quinn's I/O layer.
 //!
 //! quinn's endpoint task receives each datagram into a buffer of its own,
 //! copies it into a fresh allocation, and hands it through a channel to the
 //! connection's task, which decrypts it and wakes the stream's task: three
-//! tasks and one copy per datagram before the stream driver sees a byte. Here
-//! one driver task owns the socket and the endpoint, receives each large
-//! datagram straight into the buffer it stays in, and processes it in the
-//! connection at once (decryption included); a stream's task is woken only
-//! once what it waits for has arrived (a whole payload when it receives
-//! directly into the store). The stream tasks send what their own reads and
-//! writes produce (acknowledgements, flow-control credit) themselves, under
-//! the connection's lock. BENCHMARKS.md ("QUIC") has the measurements: the
-//! server's CPU per MiB at 1 MiB falls by about a third.
+//! tasks, often on different threads, and one copy per datagram before the
+//! stream driver sees a byte. Here one thread per listener runs a
+//! single-threaded Tokio runtime with the driver task and the listener's
+//! stream tasks. The driver owns the socket and the endpoint, receives each
+//! datagram (or batch of them, with receive offload) straight into the
+//! buffer it stays in, and processes it in its connection at once
+//! (decryption included); a stream's task is woken only once what it waits
+//! for has arrived (a whole payload when it receives directly into the
+//! store), and runs on the same core, where the decrypted bytes still are.
+//! The stream tasks send what their own reads and writes produce
+//! (acknowledgements, flow-control credit) themselves. BENCHMARKS.md
+//! ("QUIC") has the measurements.
 //!
 //! Connections stay quinn-proto's: handshakes, loss recovery, congestion
 //! control, flow control, path-MTU discovery and timers are its, unchanged;
-//! this module only moves datagrams and wakes tasks.
+//! this module only moves datagrams and wakes tasks. Not done here (quinn's
+//! I/O layer does them): ECN (received codepoints are not passed on, so peers
+//! stop marking), and answering from the local address a peer wrote to on a
+//! server bound to an unspecified address with several (the kernel picks the
+//! source address by its routes).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -80,6 +88,9 @@ pub(crate) struct Shared {
     /// timer earlier wakes the driver.
     armed: AtomicU64,
     epoch: Instant,
+    /// Connections the stream tasks worked on since the driver last looked:
+    /// it drives them again (their timers may have moved).
+    touched: Mutex<Vec<ConnectionHandle>>,
 }
 
 impl Shared {
@@ -114,9 +125,11 @@ impl Shared {
 
 /// One connection: quinn-proto's state and our streams', behind one lock
 /// (held only for protocol work and queue updates, never across a copy of
-/// payload bytes or an await).
+/// payload bytes or an await; the driver and the stream tasks share one
+/// thread, so it is never contended, but the tasks must be `Send`).
 pub(crate) struct Conn {
     shared: Arc<Shared>,
+    handle: ConnectionHandle,
     state: Mutex<ConnState>,
 }
 
@@ -130,6 +143,11 @@ impl Conn {
     /// Sends what `st` has to send and lets the driver know of a new timer or
     /// a full socket; for stream tasks, after their reads and writes.
     pub(crate) fn settle(&self, st: &mut ConnState) {
+        self.shared
+            .touched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.handle);
         if st.flush(&self.shared, Instant::now()) {
             self.shared.wake.notify_one();
         }
@@ -384,7 +402,16 @@ impl Drop for StreamWriter {
 pub(crate) struct Driver {
     shared: Arc<Shared>,
     endpoint: Endpoint,
-    conns: HashMap<ConnectionHandle, Arc<Conn>>,
+    conns: HashMap<ConnectionHandle, Entry>,
+    /// Connections with something to do (datagrams, a timer, a stream task's
+    /// work), each once: only these are driven, not every connection.
+    dirty: Vec<ConnectionHandle>,
+    /// When connections' timers (or handshake deadlines) fire, earliest
+    /// first; entries a connection has moved since are harmless (it is just
+    /// driven once more).
+    timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
+    /// Connections whose datagrams wait for room in the socket.
+    blocked: Vec<ConnectionHandle>,
     /// Connections still in their handshake, and when it must be done.
     handshakes: HashMap<ConnectionHandle, Instant>,
     loopback_config: Arc<ServerConfig>,
@@ -398,6 +425,15 @@ pub(crate) struct Driver {
     /// Tests only: where opened streams go instead of being served.
     #[cfg_attr(not(test), allow(dead_code))]
     tap: Option<Tap>,
+}
+
+/// A connection as the driver keeps it.
+struct Entry {
+    conn: Arc<Conn>,
+    /// In [`Driver::dirty`].
+    dirty: bool,
+    /// The earliest entry it has in [`Driver::timers`].
+    scheduled: Option<Instant>,
 }
 
 /// Where a tapped driver hands its streams (tests of the stream handles).
@@ -477,9 +513,13 @@ impl Driver {
                 wake: Notify::new(),
                 armed: AtomicU64::new(SCANNING),
                 epoch: Instant::now(),
+                touched: Mutex::new(Vec::new()),
             }),
             endpoint,
             conns: HashMap::new(),
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            blocked: Vec::new(),
             handshakes: HashMap::new(),
             loopback_config,
             counters: ingress.counters("quic"),
@@ -513,7 +553,8 @@ impl Driver {
         loop {
             self.receive(&mut rx);
             let now = Instant::now();
-            let (next, blocked) = self.drive(now);
+            let next = self.drive(now);
+            let blocked = !self.blocked.is_empty();
             if self.stopping && self.streams.is_empty() {
                 match closed_at {
                     None => {
@@ -589,8 +630,9 @@ impl Driver {
         {
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now),
             Some(DatagramEvent::ConnectionEvent(h, ev)) => {
-                if let Some(c) = self.conns.get(&h) {
-                    c.lock().conn.handle_event(ev);
+                if let Some(e) = self.conns.get(&h) {
+                    e.conn.lock().conn.handle_event(ev);
+                    self.mark(h);
                 }
             }
             Some(DatagramEvent::Response(t)) => {
@@ -623,6 +665,7 @@ impl Driver {
             Ok((h, conn)) => {
                 let conn = Arc::new(Conn {
                     shared: self.shared.clone(),
+                    handle: h,
                     state: Mutex::new(ConnState {
                         conn,
                         streams: HashMap::new(),
@@ -631,9 +674,18 @@ impl Driver {
                         tx: Vec::new(),
                     }),
                 });
-                self.conns.insert(h, conn);
+                self.conns.insert(
+                    h,
+                    Entry {
+                        conn,
+                        dirty: false,
+                        scheduled: None,
+                    },
+                );
                 self.handshakes
                     .insert(h, now + self.ingress.limits().handshake_timeout);
+                // Its first flight goes out with the next drive.
+                self.mark(h);
             }
             Err(e) => {
                 self.counters.connections_refused.fetch_add(1, Relaxed);
@@ -645,53 +697,98 @@ impl Driver {
         }
     }
 
-    /// Drives every connection: timers, handshake deadlines, endpoint and
-    /// application events, sending. Returns the next timer and whether the
-    /// socket filled up.
-    fn drive(&mut self, now: Instant) -> (Option<Instant>, bool) {
+    /// Marks connection `h` to be driven (once).
+    fn mark(&mut self, h: ConnectionHandle) {
+        if let Some(e) = self.conns.get_mut(&h) {
+            if !e.dirty {
+                e.dirty = true;
+                self.dirty.push(h);
+            }
+        }
+    }
+
+    /// Drives the connections that have something to do: timers, handshake
+    /// deadlines, endpoint and application events, sending. Returns when the
+    /// next timer fires.
+    fn drive(&mut self, now: Instant) -> Option<Instant> {
         self.shared.armed.store(SCANNING, Release);
-        let mut next: Option<Instant> = None;
-        let mut blocked = false;
-        let conns: Vec<(ConnectionHandle, Arc<Conn>)> =
-            self.conns.iter().map(|(&h, c)| (h, c.clone())).collect();
-        for (h, c) in conns {
+        let touched = std::mem::take(
+            &mut *self
+                .shared
+                .touched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for h in touched {
+            self.mark(h);
+        }
+        for h in std::mem::take(&mut self.blocked) {
+            self.mark(h);
+        }
+        while let Some(&Reverse((t, h))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(e) = self.conns.get_mut(&h) {
+                if e.scheduled == Some(t) {
+                    e.scheduled = None;
+                }
+            }
+            self.mark(h);
+        }
+        for h in std::mem::take(&mut self.dirty) {
+            let Some(e) = self.conns.get_mut(&h) else {
+                continue;
+            };
+            e.dirty = false;
+            let c = e.conn.clone();
             let mut st = c.lock();
             if st.conn.poll_timeout().is_some_and(|t| t <= now) {
                 st.conn.handle_timeout(now);
             }
-            if let Some(&deadline) = self.handshakes.get(&h) {
-                if deadline <= now {
-                    self.handshakes.remove(&h);
-                    self.counters.connections_refused.fetch_add(1, Relaxed);
-                    tracing::info!(
-                        "quic {}: no QUIC handshake within {:?}",
-                        st.conn.remote_address(),
-                        self.ingress.limits().handshake_timeout
-                    );
-                    st.conn.close(
-                        now,
-                        VarInt::from_u32(CODE_REFUSED),
-                        "handshake timeout".into(),
-                    );
-                } else {
-                    next = Some(next.map_or(deadline, |n| n.min(deadline)));
-                }
+            let deadline = self.handshakes.get(&h).copied();
+            if deadline.is_some_and(|d| d <= now) {
+                self.handshakes.remove(&h);
+                self.counters.connections_refused.fetch_add(1, Relaxed);
+                tracing::info!(
+                    "quic {}: no QUIC handshake within {:?}",
+                    st.conn.remote_address(),
+                    self.ingress.limits().handshake_timeout
+                );
+                st.conn.close(
+                    now,
+                    VarInt::from_u32(CODE_REFUSED),
+                    "handshake timeout".into(),
+                );
             }
             self.events(h, &c, &mut st);
-            blocked |= st.flush(&self.shared, now);
+            if st.flush(&self.shared, now) {
+                self.blocked.push(h);
+            }
             self.endpoint_events(h, &mut st);
             if st.conn.is_drained() {
                 self.conns.remove(&h);
                 self.handshakes.remove(&h);
                 continue;
             }
-            if let Some(t) = st.conn.poll_timeout() {
-                next = Some(next.map_or(t, |n| n.min(t)));
+            let deadline = self.handshakes.get(&h).copied();
+            let next = match (st.conn.poll_timeout(), deadline) {
+                (Some(t), Some(d)) => Some(t.min(d)),
+                (t, d) => t.or(d),
+            };
+            drop(st);
+            if let (Some(t), Some(e)) = (next, self.conns.get_mut(&h)) {
+                if e.scheduled.is_none_or(|s| t < s) {
+                    e.scheduled = Some(t);
+                    self.timers.push(Reverse((t, h)));
+                }
             }
         }
+        let next = self.timers.peek().map(|Reverse((t, _))| *t);
         let armed = next.map_or(UNARMED, |t| self.shared.ticks(t));
         self.shared.armed.store(armed, Release);
-        (next, blocked)
+        next
     }
 
     fn endpoint_events(&mut self, h: ConnectionHandle, st: &mut ConnState) {
@@ -820,8 +917,12 @@ impl Driver {
 
     /// Closes every connection (shutdown); their close frames go out now.
     fn close_all(&mut self, now: Instant) {
-        for c in self.conns.values() {
-            let mut st = c.lock();
+        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        for h in handles {
+            self.mark(h);
+        }
+        for e in self.conns.values() {
+            let mut st = e.conn.lock();
             st.conn.close(
                 now,
                 VarInt::from_u32(CODE_SHUTDOWN),

@@ -474,6 +474,45 @@ async fn connections_are_bounded() {
 }
 
 #[tokio::test]
+async fn a_vanished_clients_connection_times_out_and_frees_its_slot() {
+    bounded(async {
+        // The server's idle timeout (1 s) wins the negotiation; the raw
+        // connection's keep-alives (every 10 s) come too late to keep it up.
+        let (server, url) = server("max_conns=1&idle_timeout=1", 4).await;
+        let (_ep, silent) = raw_connection(&url, Duration::from_secs(10)).await.unwrap();
+        let e = match registry().connect(&url, &spec(), &options(8)).await {
+            Ok(_) => panic!("the silent connection holds the only slot"),
+            Err(e) => e,
+        };
+        assert!(e.to_string().contains("refused the connection"), "{e}");
+        // Nothing arrives for it, so only its idle timer can end it.
+        let reason = timeout(Duration::from_secs(10), silent.closed())
+            .await
+            .expect("the idle timeout closes the silent connection");
+        assert!(
+            matches!(reason, quinn::ConnectionError::TimedOut),
+            "{reason}"
+        );
+        let mut next = None;
+        for _ in 0..100 {
+            match registry().connect(&url, &spec(), &options(8)).await {
+                Ok(c) => {
+                    next = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let mut next = next.expect("the slot frees once the server timed the connection out");
+        next.send(&[3; SIZE]).await.unwrap();
+        next.wait().await.unwrap();
+        next.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn shutdown_closes_idle_connections_and_clients_see_it() {
     bounded(async {
         let (server, url) = server("", 4).await;
