@@ -31,11 +31,16 @@ const CLIENT_MAX_UDP_PAYLOAD: u16 = 1472;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tuning {
     /// Bytes a peer may send on one stream ahead of the reader (`stream_window`,
-    /// default 8 MiB). Limits what one stream can have buffered at the receiver.
+    /// default 2 MiB). Limits what one stream can have buffered at the receiver.
     pub stream_window: u64,
     /// Bytes a peer may send on all streams of a connection ahead of the reader
-    /// (`conn_window`, default 16 MiB): the most a connection's unread data can
-    /// occupy at the receiver. A server also takes up to one payload per
+    /// (`conn_window`, default 4 MiB): the most a connection's unread data can
+    /// occupy at the receiver. It is also what a connection can have in flight
+    /// towards a server at once: below the server's UDP receive buffer
+    /// (`udp_buffer`, which the kernel doubles), one connection cannot overflow
+    /// it while the server is briefly descheduled (with 8 / 16 MiB, a thousand
+    /// or more datagrams dropped per 2 s run on loopback, and losses that can
+    /// make quinn-proto take the path for an MTU black hole; BENCHMARKS.md). A server also takes up to one payload per
     /// stream out of this window while it waits for a whole one (payloads of
     /// 64 KiB or more, which are received straight into the store).
     pub conn_window: u64,
@@ -134,8 +139,8 @@ impl std::str::FromStr for Congestion {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            stream_window: 8 * MIB,
-            conn_window: 16 * MIB,
+            stream_window: 2 * MIB,
+            conn_window: 4 * MIB,
             send_window: 16 * MIB,
             max_mtu: 6500,
             loopback_mtu: 65527,
@@ -269,6 +274,12 @@ impl Tuning {
         mtu.upper_bound(max_mtu);
         // Probe again soon after a change of path instead of every 10 minutes.
         mtu.interval(Duration::from_secs(60));
+        if peer == Peer::Loopback {
+            // Loopback has no MTU black holes: losses there are full socket
+            // buffers, which quinn-proto may still take for one and drop to
+            // 1,200-byte packets. Probe up again after 2 s, not 60.
+            mtu.black_hole_cooldown(Duration::from_secs(2));
+        }
         t.mtu_discovery_config(Some(mtu));
         // With packets of up to 64 KiB (loopback), the usual initial window
         // (14,720 bytes) is below one packet: start at four of them. It also
