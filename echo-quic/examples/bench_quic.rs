@@ -679,7 +679,7 @@ mod floor {
 /// one server thread owns the server's socket, endpoint and connections,
 /// receives each datagram straight into its own buffer (quinn copies it out of
 /// a shared one), and copies the stream's bytes into a ring like `floor`.
-/// TLS 1.3 with AES-128-GCM and our transport settings for loopback (8/16 MiB
+/// TLS 1.3 with AES-128-GCM and our transport settings for loopback (2/4 MiB
 /// windows, 65,527-byte MTU bound). No wire v1, acks or store: how fast a QUIC
 /// stack built on quinn-proto could move bytes here, between `floor` and
 /// `quic1`.
@@ -717,8 +717,8 @@ mod proto {
 
     fn transport() -> Arc<TransportConfig> {
         let mut t = TransportConfig::default();
-        t.stream_receive_window(VarInt::from_u32(8 << 20))
-            .receive_window(VarInt::from_u32(16 << 20))
+        t.stream_receive_window(VarInt::from_u32(2 << 20))
+            .receive_window(VarInt::from_u32(4 << 20))
             .send_window(16 << 20)
             .initial_rtt(Duration::from_millis(10))
             .enable_segmentation_offload(false);
