@@ -30,8 +30,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -73,42 +72,18 @@ pub(crate) const AHEAD: usize = 64 * 1024;
 /// How long the driver keeps going after closing its connections at shutdown
 /// (for the close frames to go out, and answer the peers' last packets).
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-/// [`Shared::armed`] while the driver is working out its next timer.
-const SCANNING: u64 = 0;
-/// [`Shared::armed`] with no timer.
-const UNARMED: u64 = u64::MAX;
 
 /// What the driver and the stream tasks share: the socket, and the driver's
 /// wake-up.
 pub(crate) struct Shared {
     socket: UdpSocket,
     wake: Notify,
-    /// When the driver's timer fires, in µs after `epoch` (plus one), or
-    /// [`SCANNING`] / [`UNARMED`]: a stream task that makes a connection's
-    /// timer earlier wakes the driver.
-    armed: AtomicU64,
-    epoch: Instant,
     /// Connections the stream tasks worked on since the driver last looked:
-    /// it drives them again (their timers may have moved).
+    /// it drives them next (sends what they queued, and sees their timers).
     touched: Mutex<Vec<ConnectionHandle>>,
 }
 
 impl Shared {
-    fn ticks(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_micros() as u64 + 1
-    }
-
-    /// A connection's next timeout is now `t`: wakes the driver if its timer
-    /// is set later (or is being worked out).
-    fn timer_changed(&self, t: Option<Instant>) {
-        if let Some(t) = t {
-            let armed = self.armed.load(Acquire);
-            if armed == SCANNING || self.ticks(t) < armed {
-                self.wake.notify_one();
-            }
-        }
-    }
-
     /// Sends one datagram; `false` if the socket has no room for it now.
     /// Other errors lose the datagram, as a lossy path would.
     fn send(&self, data: &[u8], to: SocketAddr) -> bool {
@@ -140,18 +115,18 @@ impl Conn {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends what `st` has to send and lets the driver know of a new timer or
-    /// a full socket; for stream tasks, after their reads and writes.
-    pub(crate) fn settle(&self, st: &mut ConnState) {
+    /// After a stream task's read or write: the driver sends what it queued
+    /// (acknowledgements, flow-control credit) the next time it runs, which
+    /// on this thread is as soon as the task yields, together with whatever
+    /// else the connection has to say (fewer, fuller packets than sending
+    /// from each task), and sees its timers.
+    pub(crate) fn settle(&self) {
         self.shared
             .touched
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(self.handle);
-        if st.flush(&self.shared, Instant::now()) {
-            self.shared.wake.notify_one();
-        }
-        self.shared.timer_changed(st.conn.poll_timeout());
+        self.shared.wake.notify_one();
     }
 }
 
@@ -355,7 +330,7 @@ impl AsyncWrite for StreamWriter {
         let written = st.conn.send_stream(self.id).write(buf);
         match written {
             Ok(n) => {
-                self.conn.settle(&mut st);
+                self.conn.settle();
                 Poll::Ready(Ok(n))
             }
             Err(WriteError::Blocked) => {
@@ -376,14 +351,14 @@ impl AsyncWrite for StreamWriter {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Writes go out as they are made.
+        // The driver sends what was written as soon as this task yields.
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.conn.lock();
         let _ = st.conn.send_stream(self.id).finish();
-        self.conn.settle(&mut st);
+        self.conn.settle();
         Poll::Ready(Ok(()))
     }
 }
@@ -394,7 +369,7 @@ impl Drop for StreamWriter {
         // Already finished, reset or stopped: nothing to do.
         let _ = st.conn.send_stream(self.id).finish();
         st.release(self.id);
-        self.conn.settle(&mut st);
+        self.conn.settle();
     }
 }
 
@@ -511,8 +486,6 @@ impl Driver {
             shared: Arc::new(Shared {
                 socket,
                 wake: Notify::new(),
-                armed: AtomicU64::new(SCANNING),
-                epoch: Instant::now(),
                 touched: Mutex::new(Vec::new()),
             }),
             endpoint,
@@ -711,7 +684,6 @@ impl Driver {
     /// deadlines, endpoint and application events, sending. Returns when the
     /// next timer fires.
     fn drive(&mut self, now: Instant) -> Option<Instant> {
-        self.shared.armed.store(SCANNING, Release);
         let touched = std::mem::take(
             &mut *self
                 .shared
@@ -785,10 +757,7 @@ impl Driver {
                 }
             }
         }
-        let next = self.timers.peek().map(|Reverse((t, _))| *t);
-        let armed = next.map_or(UNARMED, |t| self.shared.ticks(t));
-        self.shared.armed.store(armed, Release);
-        next
+        self.timers.peek().map(|Reverse((t, _))| *t)
     }
 
     fn endpoint_events(&mut self, h: ConnectionHandle, st: &mut ConnState) {

@@ -147,7 +147,7 @@ impl StreamReader {
             ));
         }
         let r = f(&mut st, self.id);
-        self.conn.settle(&mut st);
+        self.conn.settle();
         r
     }
 
@@ -276,7 +276,7 @@ impl Drop for StreamReader {
             let _ = st.conn.recv_stream(self.id).stop(0u32.into());
         }
         st.release(self.id);
-        self.conn.settle(&mut st);
+        self.conn.settle();
     }
 }
 
