@@ -416,7 +416,7 @@ struct Entry {
 pub(crate) type Tap = tokio::sync::mpsc::UnboundedSender<(StreamReader, StreamWriter)>;
 /// Outside tests no driver is tapped.
 #[cfg(not(test))]
-type Tap = std::convert::Infallible;
+pub(crate) type Tap = std::convert::Infallible;
 
 impl Driver {
     /// Starts a driver for `endpoint` on `socket` (without receive offload),
@@ -429,42 +429,12 @@ impl Driver {
     /// push instead of a wake-up of another worker (with four connections on
     /// a two-core host's shared runtime, 10,500 context switches per second
     /// instead of 2,800, and 15-35 % more CPU per MiB; BENCHMARKS.md "QUIC").
-    pub(crate) fn start(
-        socket: std::net::UdpSocket,
-        endpoint: Endpoint,
-        loopback_config: Arc<ServerConfig>,
-        ingress: Ingress,
-        stop: ShutdownSignal,
-        max_conns: usize,
-    ) -> io::Result<oneshot::Receiver<()>> {
-        Self::launch(
-            socket,
-            endpoint,
-            loopback_config,
-            ingress,
-            stop,
-            max_conns,
-            None,
-        )
-    }
-
-    /// [`start`](Self::start) for tests of the stream handles: every stream
-    /// opened is handed to `tap` (with a slot, but no ingress session and no
-    /// task) instead of being served.
-    #[cfg(test)]
-    pub(crate) fn start_tapped(
-        socket: std::net::UdpSocket,
-        endpoint: Endpoint,
-        config: Arc<ServerConfig>,
-        ingress: Ingress,
-        stop: ShutdownSignal,
-        tap: Tap,
-    ) -> io::Result<oneshot::Receiver<()>> {
-        Self::launch(socket, endpoint, config, ingress, stop, 16, Some(tap))
-    }
-
+    ///
+    /// `tap` is for tests of the stream handles only (outside tests there is
+    /// no value to give): every stream opened is handed to it (with a slot,
+    /// but no ingress session and no task) instead of being served.
     #[allow(clippy::too_many_arguments)]
-    fn launch(
+    pub(crate) fn start(
         socket: std::net::UdpSocket,
         endpoint: Endpoint,
         loopback_config: Arc<ServerConfig>,
@@ -833,14 +803,7 @@ impl Driver {
     fn open_stream(&mut self, c: &Arc<Conn>, st: &mut ConnState, id: StreamId) {
         #[cfg(test)]
         if let Some(tap) = &self.tap {
-            st.streams.insert(id, Slot::new());
-            st.pull(id, AHEAD);
-            let reader = StreamReader::new(c.clone(), id);
-            let writer = StreamWriter {
-                conn: c.clone(),
-                id,
-            };
-            let _ = tap.send((reader, writer));
+            let _ = tap.send(stream_handles(c, st, id));
             return;
         }
         let remote = st.conn.remote_address();
@@ -864,14 +827,7 @@ impl Driver {
                 return;
             }
         };
-        st.streams.insert(id, Slot::new());
-        // The stream's first bytes came with its opening.
-        st.pull(id, AHEAD);
-        let reader = StreamReader::new(c.clone(), id);
-        let writer = StreamWriter {
-            conn: c.clone(),
-            id,
-        };
+        let (reader, writer) = stream_handles(c, st, id);
         let stop = self.stop.clone();
         self.streams.spawn(async move {
             match serve_stream_direct(reader, writer, session, true, stop).await {
@@ -900,6 +856,19 @@ impl Driver {
             st.flush(&self.shared, now);
         }
     }
+}
+
+/// A slot for a newly opened stream `id` and its reader and writer.
+fn stream_handles(c: &Arc<Conn>, st: &mut ConnState, id: StreamId) -> (StreamReader, StreamWriter) {
+    st.streams.insert(id, Slot::new());
+    // The stream's first bytes came with its opening.
+    st.pull(id, AHEAD);
+    let reader = StreamReader::new(c.clone(), id);
+    let writer = StreamWriter {
+        conn: c.clone(),
+        id,
+    };
+    (reader, writer)
 }
 
 async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {

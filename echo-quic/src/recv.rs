@@ -414,13 +414,14 @@ mod tests {
             .unwrap();
         let stopper = Stopper::default();
         let (tap, mut tapped) = tokio::sync::mpsc::unbounded_channel();
-        Driver::start_tapped(
+        Driver::start(
             socket,
             endpoint,
             config,
             server.ingress(),
             stopper.signal(),
-            tap,
+            16,
+            Some(tap),
         )
         .unwrap();
         let (client_tls, _) =

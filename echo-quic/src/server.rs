@@ -212,6 +212,7 @@ impl TransportFactory for QuicTransportFactory {
             ingress,
             stopper.signal(),
             max_conns,
+            None,
         )?;
         tracing::info!(
             "quic: listening on {bound} (certificate {})",

@@ -53,6 +53,27 @@ async fn server_of(size: usize, query: &str, batch: usize) -> (Server, String) {
     (server, url)
 }
 
+/// Connects to `url` as soon as the server has a free slot (refusals are
+/// retried for 5 s; `what` says what should have freed one), then sends one
+/// sample of `byte`s and closes.
+async fn served_once_free(url: &str, byte: u8, what: &str) {
+    let mut client = None;
+    for _ in 0..100 {
+        match registry().connect(url, &spec(), &options(8)).await {
+            Ok(c) => {
+                client = Some(c);
+                break;
+            }
+            Err(e) if e.is_closed() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let mut client = client.unwrap_or_else(|| panic!("no free slot within 5 s: {what}"));
+    client.send(&[byte; SIZE]).await.unwrap();
+    client.wait().await.unwrap();
+    client.close().await.unwrap();
+}
+
 /// The first byte of each of the next `n` samples the server hands out.
 async fn collect(server: &Server, n: usize) -> Vec<u8> {
     collect_payloads(server, n)
@@ -452,21 +473,7 @@ async fn connections_are_bounded() {
         first.wait().await.unwrap();
         first.close().await.unwrap();
         // The slot frees once the server has seen the first connection close.
-        let mut again = None;
-        for _ in 0..100 {
-            match registry().connect(&url, &spec(), &options(8)).await {
-                Ok(c) => {
-                    again = Some(c);
-                    break;
-                }
-                Err(e) if e.is_closed() => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let mut again = again.expect("a connection after the first closed");
-        again.send(&[2; SIZE]).await.unwrap();
-        again.wait().await.unwrap();
-        again.close().await.unwrap();
+        served_once_free(&url, 2, "a connection after the first closed").await;
         assert!(server.metrics().transports["quic"].connections_refused >= 1);
         server.shutdown().await.unwrap();
     })
@@ -493,20 +500,12 @@ async fn a_vanished_clients_connection_times_out_and_frees_its_slot() {
             matches!(reason, quinn::ConnectionError::TimedOut),
             "{reason}"
         );
-        let mut next = None;
-        for _ in 0..100 {
-            match registry().connect(&url, &spec(), &options(8)).await {
-                Ok(c) => {
-                    next = Some(c);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        let mut next = next.expect("the slot frees once the server timed the connection out");
-        next.send(&[3; SIZE]).await.unwrap();
-        next.wait().await.unwrap();
-        next.close().await.unwrap();
+        served_once_free(
+            &url,
+            3,
+            "the slot frees once the server timed the connection out",
+        )
+        .await;
         server.shutdown().await.unwrap();
     })
     .await;
@@ -574,20 +573,7 @@ async fn a_stream_over_max_connections_is_refused_clearly() {
             "{e}"
         );
         // The refused client's first stream is gone with it; one stream fits.
-        let mut ok = None;
-        for _ in 0..100 {
-            match registry().connect(&url, &spec(), &options(8)).await {
-                Ok(c) => {
-                    ok = Some(c);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-        let mut ok = ok.expect("one stream within max_connections");
-        ok.send(&[9; SIZE]).await.unwrap();
-        ok.wait().await.unwrap();
-        ok.close().await.unwrap();
+        served_once_free(&url, 9, "one stream within max_connections").await;
         server.shutdown().await.unwrap();
     })
     .await;
