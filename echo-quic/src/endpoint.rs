@@ -13,9 +13,10 @@
 //! (decryption included); a stream's task is woken only once what it waits
 //! for has arrived (a whole payload when it receives directly into the
 //! store), and runs on the same core, where the decrypted bytes still are.
-//! The stream tasks send what their own reads and writes produce
-//! (acknowledgements, flow-control credit) themselves. BENCHMARKS.md
-//! ("QUIC") has the measurements.
+//! What the stream tasks' reads and writes produce (acknowledgements,
+//! flow-control credit) the driver sends as soon as they yield, together with
+//! whatever else their connection has to say. BENCHMARKS.md ("QUIC") has the
+//! measurements.
 //!
 //! Connections stay quinn-proto's: handshakes, loss recovery, congestion
 //! control, flow control, path-MTU discovery and timers are its, unchanged;
@@ -25,8 +26,7 @@
 //! server bound to an unspecified address with several (the kernel picks the
 //! source address by its routes).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -65,9 +65,10 @@ const RECV_BATCH: usize = 32;
 /// a buffer is at least a quarter used (receive offload fills it with
 /// datagrams of one sender).
 const COPY_BELOW: usize = 16 * 1024;
-/// Bytes the driver takes out of a stream ahead of its reader beyond the
-/// reader's low-water mark. Taking bytes out returns their flow-control
-/// credit to the peer, so this (and the mark) bounds what a stream holds here.
+/// Bytes the driver takes out of a stream ahead of its reader when the
+/// reader's low-water mark is lower (it takes up to the larger of the two).
+/// Taking bytes out returns their flow-control credit to the peer, so this
+/// and the mark bound what a stream holds here.
 pub(crate) const AHEAD: usize = 64 * 1024;
 /// How long the driver keeps going after closing its connections at shutdown
 /// (for the close frames to go out, and answer the peers' last packets).
@@ -99,8 +100,9 @@ impl Shared {
 }
 
 /// One connection: quinn-proto's state and our streams', behind one lock
-/// (held only for protocol work and queue updates, never across a copy of
-/// payload bytes or an await; the driver and the stream tasks share one
+/// (held only for protocol work and queue updates, never across the copy of
+/// a payload into the store or an await, though chunks under 16 KiB are
+/// copied together under it; the driver and the stream tasks share one
 /// thread, so it is never contended, but the tasks must be `Send`).
 pub(crate) struct Conn {
     shared: Arc<Shared>,
@@ -138,7 +140,6 @@ pub(crate) struct ConnState {
     lost: Option<ConnectionError>,
     /// A datagram the socket had no room for; it goes before any other.
     stash: Option<(Vec<u8>, SocketAddr)>,
-    tx: Vec<u8>,
 }
 
 /// A served stream's receive queue and waiting tasks.
@@ -225,9 +226,10 @@ impl Slot {
 }
 
 impl ConnState {
-    /// Sends everything the connection has to send; `true` if the socket
-    /// filled up first (the rest waits in `stash` and in quinn-proto).
-    fn flush(&mut self, shared: &Shared, now: Instant) -> bool {
+    /// Sends everything the connection has to send, building each datagram
+    /// in `tx`; `true` if the socket filled up first (the rest waits in
+    /// `stash` and in quinn-proto).
+    fn flush(&mut self, shared: &Shared, now: Instant, tx: &mut Vec<u8>) -> bool {
         if let Some((data, to)) = &self.stash {
             if !shared.send(data, *to) {
                 return true;
@@ -235,11 +237,11 @@ impl ConnState {
             self.stash = None;
         }
         loop {
-            self.tx.clear();
-            let Some(t) = self.conn.poll_transmit(now, 1, &mut self.tx) else {
+            tx.clear();
+            let Some(t) = self.conn.poll_transmit(now, 1, tx) else {
                 return false;
             };
-            let data = &self.tx[..t.size];
+            let data = &tx[..t.size];
             if !shared.send(data, t.destination) {
                 self.stash = Some((data.to_vec(), t.destination));
                 return true;
@@ -337,6 +339,8 @@ impl AsyncWrite for StreamWriter {
                 if let Some(slot) = st.streams.get_mut(&self.id) {
                     slot.writer = Some(cx.waker().clone());
                 }
+                // quinn-proto queued a (STREAM_)DATA_BLOCKED frame.
+                self.conn.settle();
                 Poll::Pending
             }
             Err(WriteError::Stopped(code)) => Poll::Ready(Err(io::Error::new(
@@ -382,9 +386,9 @@ pub(crate) struct Driver {
     /// work), each once: only these are driven, not every connection.
     dirty: Vec<ConnectionHandle>,
     /// When connections' timers (or handshake deadlines) fire, earliest
-    /// first; entries a connection has moved since are harmless (it is just
-    /// driven once more).
-    timers: BinaryHeap<Reverse<(Instant, ConnectionHandle)>>,
+    /// first: one entry per connection that has a timer, moved whenever it
+    /// moves (so the set never holds more entries than connections).
+    timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Connections whose datagrams wait for room in the socket.
     blocked: Vec<ConnectionHandle>,
     /// Connections still in their handshake, and when it must be done.
@@ -397,6 +401,8 @@ pub(crate) struct Driver {
     stopping: bool,
     streams: JoinSet<()>,
     out: Vec<u8>,
+    /// Where connections' datagrams are built before they are sent.
+    tx: Vec<u8>,
     /// Tests only: where opened streams go instead of being served.
     #[cfg_attr(not(test), allow(dead_code))]
     tap: Option<Tap>,
@@ -407,7 +413,7 @@ struct Entry {
     conn: Arc<Conn>,
     /// In [`Driver::dirty`].
     dirty: bool,
-    /// The earliest entry it has in [`Driver::timers`].
+    /// Its entry in [`Driver::timers`].
     scheduled: Option<Instant>,
 }
 
@@ -419,7 +425,8 @@ pub(crate) type Tap = tokio::sync::mpsc::UnboundedSender<(StreamReader, StreamWr
 pub(crate) type Tap = std::convert::Infallible;
 
 impl Driver {
-    /// Starts a driver for `endpoint` on `socket` (without receive offload),
+    /// Starts a driver for `endpoint` on `socket` (receive offload on or
+    /// off: receives are split by the segment size the kernel reports),
     /// `loopback_config` serving loopback peers, on a thread of its own with
     /// a single-threaded Tokio runtime that also runs its stream tasks. The
     /// returned receiver completes once it has stopped (see [`run`](Self::run)).
@@ -429,12 +436,17 @@ impl Driver {
     /// push instead of a wake-up of another worker (with four connections on
     /// a two-core host's shared runtime, 10,500 context switches per second
     /// instead of 2,800, and 15-35 % more CPU per MiB; BENCHMARKS.md "QUIC").
+    /// The runtime is built, and the socket registered with it, on that
+    /// thread (a runtime may not be dropped inside another one's tasks, which
+    /// an error here would otherwise do).
     ///
     /// `tap` is for tests of the stream handles only (outside tests there is
     /// no value to give): every stream opened is handed to it (with a slot,
-    /// but no ingress session and no task) instead of being served.
+    /// but no ingress session and no task) instead of being served. Its
+    /// receiver must stay open: handles it cannot take are dropped where
+    /// they were made, under their connection's lock, which they take.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn start(
+    pub(crate) async fn start(
         socket: std::net::UdpSocket,
         endpoint: Endpoint,
         loopback_config: Arc<ServerConfig>,
@@ -444,45 +456,59 @@ impl Driver {
         tap: Option<Tap>,
     ) -> io::Result<oneshot::Receiver<()>> {
         socket.set_nonblocking(true)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let socket = {
-            // Registered with the driver's own runtime.
-            let _entered = rt.enter();
-            UdpSocket::from_std(socket)?
-        };
-        let driver = Driver {
-            shared: Arc::new(Shared {
-                socket,
-                wake: Notify::new(),
-                touched: Mutex::new(Vec::new()),
-            }),
-            endpoint,
-            conns: HashMap::new(),
-            dirty: Vec::new(),
-            timers: BinaryHeap::new(),
-            blocked: Vec::new(),
-            handshakes: HashMap::new(),
-            loopback_config,
-            counters: ingress.counters("quic"),
-            ingress,
-            stop,
-            max_conns,
-            stopping: false,
-            streams: JoinSet::new(),
-            out: Vec::new(),
-            tap,
-        };
+        let (ready, started) = oneshot::channel::<io::Result<()>>();
         let (done, stopped) = oneshot::channel();
         std::thread::Builder::new()
             .name("echo-quic".into())
             .spawn(move || {
+                let setup = || -> io::Result<(tokio::runtime::Runtime, UdpSocket)> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    let socket = {
+                        let _entered = rt.enter();
+                        UdpSocket::from_std(socket)?
+                    };
+                    Ok((rt, socket))
+                };
+                let (rt, socket) = match setup() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let driver = Driver {
+                    shared: Arc::new(Shared {
+                        socket,
+                        wake: Notify::new(),
+                        touched: Mutex::new(Vec::new()),
+                    }),
+                    endpoint,
+                    conns: HashMap::new(),
+                    dirty: Vec::new(),
+                    timers: BTreeSet::new(),
+                    blocked: Vec::new(),
+                    handshakes: HashMap::new(),
+                    loopback_config,
+                    counters: ingress.counters("quic"),
+                    ingress,
+                    stop,
+                    max_conns,
+                    stopping: false,
+                    streams: JoinSet::new(),
+                    out: Vec::new(),
+                    tx: Vec::new(),
+                    tap,
+                };
+                let _ = ready.send(Ok(()));
                 rt.block_on(driver.run());
-                // Dropping the runtime here, off any async context.
                 drop(rt);
                 let _ = done.send(());
             })?;
+        started
+            .await
+            .map_err(|_| io::Error::other("the QUIC driver's thread ended while starting"))??;
         Ok(stopped)
     }
 
@@ -614,7 +640,6 @@ impl Driver {
                         streams: HashMap::new(),
                         lost: None,
                         stash: None,
-                        tx: Vec::new(),
                     }),
                 });
                 self.conns.insert(
@@ -667,15 +692,13 @@ impl Driver {
         for h in std::mem::take(&mut self.blocked) {
             self.mark(h);
         }
-        while let Some(&Reverse((t, h))) = self.timers.peek() {
+        while let Some(&(t, h)) = self.timers.first() {
             if t > now {
                 break;
             }
-            self.timers.pop();
+            self.timers.pop_first();
             if let Some(e) = self.conns.get_mut(&h) {
-                if e.scheduled == Some(t) {
-                    e.scheduled = None;
-                }
+                e.scheduled = None;
             }
             self.mark(h);
         }
@@ -705,12 +728,14 @@ impl Driver {
                 );
             }
             self.events(h, &c, &mut st);
-            if st.flush(&self.shared, now) {
+            if st.flush(&self.shared, now, &mut self.tx) {
                 self.blocked.push(h);
             }
             self.endpoint_events(h, &mut st);
             if st.conn.is_drained() {
-                self.conns.remove(&h);
+                if let Some(t) = self.conns.remove(&h).and_then(|e| e.scheduled) {
+                    self.timers.remove(&(t, h));
+                }
                 self.handshakes.remove(&h);
                 continue;
             }
@@ -720,14 +745,21 @@ impl Driver {
                 (t, d) => t.or(d),
             };
             drop(st);
-            if let (Some(t), Some(e)) = (next, self.conns.get_mut(&h)) {
-                if e.scheduled.is_none_or(|s| t < s) {
-                    e.scheduled = Some(t);
-                    self.timers.push(Reverse((t, h)));
+            if let Some(e) = self.conns.get_mut(&h) {
+                if e.scheduled != next {
+                    if let Some(old) = e.scheduled {
+                        self.timers.remove(&(old, h));
+                    }
+                    if let Some(t) = next {
+                        self.timers.insert((t, h));
+                    }
+                    e.scheduled = next;
                 }
             }
         }
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        // One entry per connection at most (checked in every debug test run).
+        debug_assert!(self.timers.len() <= self.conns.len());
+        self.timers.first().map(|&(t, _)| t)
     }
 
     fn endpoint_events(&mut self, h: ConnectionHandle, st: &mut ConnState) {
@@ -853,7 +885,7 @@ impl Driver {
                 VarInt::from_u32(CODE_SHUTDOWN),
                 "server shutting down".into(),
             );
-            st.flush(&self.shared, now);
+            st.flush(&self.shared, now, &mut self.tx);
         }
     }
 }

@@ -118,8 +118,8 @@ impl ChunkQueue {
 
 /// A served stream's read half, over its [`Slot`] in the connection.
 ///
-/// The queue only grows up to the low-water mark (one payload while the
-/// stream driver waits for a whole one) plus [`AHEAD`]: taking bytes out of
+/// The queue only grows up to the larger of the low-water mark (one payload
+/// while the stream driver waits for a whole one) and [`AHEAD`]: taking bytes out of
 /// quinn-proto hands their flow-control credit back to the peer, so the queue
 /// is bounded by what is taken, not by the stream's window.
 pub(crate) struct StreamReader {
@@ -133,7 +133,7 @@ impl StreamReader {
     }
 
     /// Runs `f` on the connection and this stream's slot (an error if the
-    /// slot is gone, which only happens once the reader is), then sends what
+    /// slot is gone, which only happens once the reader is), then has the driver send what
     /// that produced (flow-control credit).
     fn with_slot<T>(
         &self,
@@ -388,6 +388,9 @@ mod tests {
     /// dropping it stops the driver.
     struct Keep {
         _client: (quinn::Endpoint, quinn::Connection, quinn::RecvStream),
+        /// Kept open: a tapped driver must never drop the handles it could
+        /// not hand over, which would lock the connection it holds locked.
+        _tapped: tokio::sync::mpsc::UnboundedReceiver<(StreamReader, StreamWriter)>,
         _server: echo_core::Server,
         _writer: StreamWriter,
         _stopper: Stopper,
@@ -423,6 +426,7 @@ mod tests {
             16,
             Some(tap),
         )
+        .await
         .unwrap();
         let (client_tls, _) =
             crate::tls::client_config(vec![cert.cert], std::path::Path::new("test")).unwrap();
@@ -445,6 +449,7 @@ mod tests {
         assert_eq!(&one, b"x");
         let keep = Keep {
             _client: (client, conn, recv),
+            _tapped: tapped,
             _server: server,
             _writer: writer,
             _stopper: stopper,

@@ -191,10 +191,6 @@ impl TransportFactory for QuicTransportFactory {
             !may_fragment,
             None,
         );
-        if let Some(pem) = pem_to_write {
-            tls::write_cert(&cert_path, &pem)?;
-        }
-
         let mut local = Url::parse(&format!("quic://{bound}"))
             .map_err(|e| url_err(url, format!("bound address {bound}: {e}")))?;
         {
@@ -213,7 +209,16 @@ impl TransportFactory for QuicTransportFactory {
             stopper.signal(),
             max_conns,
             None,
-        )?;
+        )
+        .await?;
+        if let Some(pem) = pem_to_write {
+            if let Err(e) = tls::write_cert(&cert_path, &pem) {
+                // No client could trust this listener: take it down again.
+                stopper.stop();
+                let _ = stopped.await;
+                return Err(e);
+            }
+        }
         tracing::info!(
             "quic: listening on {bound} (certificate {})",
             cert_path.display()
