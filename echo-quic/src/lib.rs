@@ -24,7 +24,7 @@
 //! Clients run on quinn. The server drives quinn's protocol crate
 //! (quinn-proto) itself: one thread per listener receives the datagrams,
 //! decrypts them and runs the listener's stream tasks (a single-threaded Tokio
-//! runtime of its own), which takes about a fifth off the server's CPU per
+//! runtime of its own), which takes 15-19 % off the server's CPU per
 //! byte at 1 MiB against quinn's endpoint and connection tasks, and avoids
 //! its copy of every datagram (BENCHMARKS.md, "QUIC"). One listener's QUIC
 //! traffic is thus bounded by one core (about 4.5 GB/s of 1 MiB samples on
