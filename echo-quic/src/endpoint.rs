@@ -293,12 +293,7 @@ impl ConnState {
 
     /// The error a stream operation gets once the connection is gone.
     pub(crate) fn lost_error(&self) -> Option<io::Error> {
-        self.lost.as_ref().map(|e| {
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("connection lost: {}", crate::describe_connection_error(e)),
-            )
-        })
+        self.lost.as_ref().map(lost_io)
     }
 
     /// A stream handle is gone; the slot goes with the last one.
@@ -391,8 +386,6 @@ pub(crate) struct Driver {
     timers: BTreeSet<(Instant, ConnectionHandle)>,
     /// Connections whose datagrams wait for room in the socket.
     blocked: Vec<ConnectionHandle>,
-    /// Connections still in their handshake, and when it must be done.
-    handshakes: HashMap<ConnectionHandle, Instant>,
     loopback_config: Arc<ServerConfig>,
     ingress: Ingress,
     counters: Arc<TransportCounters>,
@@ -415,6 +408,8 @@ struct Entry {
     dirty: bool,
     /// Its entry in [`Driver::timers`].
     scheduled: Option<Instant>,
+    /// While its handshake is under way: when it must be done.
+    handshake_deadline: Option<Instant>,
 }
 
 /// Where a tapped driver hands its streams (tests of the stream handles).
@@ -489,7 +484,6 @@ impl Driver {
                     dirty: Vec::new(),
                     timers: BTreeSet::new(),
                     blocked: Vec::new(),
-                    handshakes: HashMap::new(),
                     loopback_config,
                     counters: ingress.counters("quic"),
                     ingress,
@@ -648,10 +642,9 @@ impl Driver {
                         conn,
                         dirty: false,
                         scheduled: None,
+                        handshake_deadline: Some(now + self.ingress.limits().handshake_timeout),
                     },
                 );
-                self.handshakes
-                    .insert(h, now + self.ingress.limits().handshake_timeout);
                 // Its first flight goes out with the next drive.
                 self.mark(h);
             }
@@ -712,9 +705,8 @@ impl Driver {
             if st.conn.poll_timeout().is_some_and(|t| t <= now) {
                 st.conn.handle_timeout(now);
             }
-            let deadline = self.handshakes.get(&h).copied();
-            if deadline.is_some_and(|d| d <= now) {
-                self.handshakes.remove(&h);
+            if e.handshake_deadline.is_some_and(|d| d <= now) {
+                e.handshake_deadline = None;
                 self.counters.connections_refused.fetch_add(1, Relaxed);
                 tracing::info!(
                     "quic {}: no QUIC handshake within {:?}",
@@ -736,16 +728,15 @@ impl Driver {
                 if let Some(t) = self.conns.remove(&h).and_then(|e| e.scheduled) {
                     self.timers.remove(&(t, h));
                 }
-                self.handshakes.remove(&h);
                 continue;
             }
-            let deadline = self.handshakes.get(&h).copied();
-            let next = match (st.conn.poll_timeout(), deadline) {
-                (Some(t), Some(d)) => Some(t.min(d)),
-                (t, d) => t.or(d),
-            };
+            let timeout = st.conn.poll_timeout();
             drop(st);
             if let Some(e) = self.conns.get_mut(&h) {
+                let next = match (timeout, e.handshake_deadline) {
+                    (Some(t), Some(d)) => Some(t.min(d)),
+                    (t, d) => t.or(d),
+                };
                 if e.scheduled != next {
                     if let Some(old) = e.scheduled {
                         self.timers.remove(&(old, h));
@@ -777,12 +768,19 @@ impl Driver {
         while let Some(ev) = st.conn.poll() {
             match ev {
                 Event::Connected => {
-                    self.handshakes.remove(&h);
+                    if let Some(e) = self.conns.get_mut(&h) {
+                        e.handshake_deadline = None;
+                    }
                     tracing::debug!("quic {}: connected", st.conn.remote_address());
                 }
                 Event::ConnectionLost { reason } => {
                     let remote = st.conn.remote_address();
-                    if self.handshakes.remove(&h).is_some() {
+                    let handshaking = self
+                        .conns
+                        .get_mut(&h)
+                        .and_then(|e| e.handshake_deadline.take())
+                        .is_some();
+                    if handshaking {
                         self.counters.connections_refused.fetch_add(1, Relaxed);
                         tracing::info!(
                             "quic {remote}: handshake failed: {}",
@@ -794,14 +792,10 @@ impl Driver {
                             crate::describe_connection_error(&reason)
                         );
                     }
-                    st.lost = Some(reason);
-                    let e = st.lost_error();
                     for slot in st.streams.values_mut() {
-                        slot.fail(e.as_ref().map_or_else(
-                            || io::ErrorKind::ConnectionAborted.into(),
-                            |e| io::Error::new(e.kind(), e.to_string()),
-                        ));
+                        slot.fail(lost_io(&reason));
                     }
+                    st.lost = Some(reason);
                 }
                 Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
                     while let Some(id) = st.conn.streams().accept(Dir::Bi) {
@@ -872,22 +866,29 @@ impl Driver {
         });
     }
 
-    /// Closes every connection (shutdown); their close frames go out now.
+    /// Closes every connection (shutdown); their close frames go out with
+    /// the drive that follows.
     fn close_all(&mut self, now: Instant) {
         let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
         for h in handles {
+            if let Some(e) = self.conns.get(&h) {
+                e.conn.lock().conn.close(
+                    now,
+                    VarInt::from_u32(CODE_SHUTDOWN),
+                    "server shutting down".into(),
+                );
+            }
             self.mark(h);
         }
-        for e in self.conns.values() {
-            let mut st = e.conn.lock();
-            st.conn.close(
-                now,
-                VarInt::from_u32(CODE_SHUTDOWN),
-                "server shutting down".into(),
-            );
-            st.flush(&self.shared, now, &mut self.tx);
-        }
     }
+}
+
+/// What a stream's reader or writer gets once its connection was lost.
+fn lost_io(e: &ConnectionError) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!("connection lost: {}", crate::describe_connection_error(e)),
+    )
 }
 
 /// A slot for a newly opened stream `id` and its reader and writer.
