@@ -69,7 +69,7 @@ const COPY_BELOW: usize = 16 * 1024;
 /// reader's low-water mark is lower (it takes up to the larger of the two).
 /// Taking bytes out returns their flow-control credit to the peer, so this
 /// and the mark bound what a stream holds here.
-pub(crate) const AHEAD: usize = 64 * 1024;
+const AHEAD: usize = 64 * 1024;
 /// How long the driver keeps going after closing its connections at shutdown
 /// (for the close frames to go out, and answer the peers' last packets).
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -140,6 +140,9 @@ pub(crate) struct ConnState {
     lost: Option<ConnectionError>,
     /// A datagram the socket had no room for; it goes before any other.
     stash: Option<(Vec<u8>, SocketAddr)>,
+    /// A pull took bytes that earn the peer flow-control credit the driver
+    /// has yet to send (see [`StreamReader`]'s reads).
+    pub(crate) credit_due: bool,
 }
 
 /// A served stream's receive queue and waiting tasks.
@@ -177,6 +180,12 @@ impl Slot {
 
     pub(crate) fn ended(&self) -> bool {
         self.eof || self.failed.is_some()
+    }
+
+    /// How much the stream's queue is filled up to: its reader's mark, or
+    /// [`AHEAD`] if that is more.
+    pub(crate) fn target(&self) -> usize {
+        self.low_water.max(AHEAD)
     }
 
     /// What a read finds once the queue is empty: the end (0), the error,
@@ -287,8 +296,9 @@ impl ConnState {
                 }
             }
         }
-        // Whether credit is due goes out with the next flush anyway.
-        let _ = chunks.finalize();
+        if chunks.finalize().should_transmit() {
+            self.credit_due = true;
+        }
     }
 
     /// The error a stream operation gets once the connection is gone.
@@ -634,6 +644,7 @@ impl Driver {
                         streams: HashMap::new(),
                         lost: None,
                         stash: None,
+                        credit_due: false,
                     }),
                 });
                 self.conns.insert(
@@ -720,6 +731,7 @@ impl Driver {
                 );
             }
             self.events(h, &c, &mut st);
+            st.credit_due = false;
             if st.flush(&self.shared, now, &mut self.tx) {
                 self.blocked.push(h);
             }
@@ -803,7 +815,7 @@ impl Driver {
                     }
                 }
                 Event::Stream(StreamEvent::Readable { id }) => {
-                    if let Some(want) = st.streams.get(&id).map(|s| s.low_water.max(AHEAD)) {
+                    if let Some(want) = st.streams.get(&id).map(Slot::target) {
                         st.pull(id, want);
                         if let Some(slot) = st.streams.get_mut(&id) {
                             slot.wake_reader();
@@ -893,9 +905,11 @@ fn lost_io(e: &ConnectionError) -> io::Error {
 
 /// A slot for a newly opened stream `id` and its reader and writer.
 fn stream_handles(c: &Arc<Conn>, st: &mut ConnState, id: StreamId) -> (StreamReader, StreamWriter) {
-    st.streams.insert(id, Slot::new());
+    let slot = Slot::new();
+    let target = slot.target();
+    st.streams.insert(id, slot);
     // The stream's first bytes came with its opening.
-    st.pull(id, AHEAD);
+    st.pull(id, target);
     let reader = StreamReader::new(c.clone(), id);
     let writer = StreamWriter {
         conn: c.clone(),

@@ -18,7 +18,7 @@ use echo_core::stream::DirectRecv;
 use quinn_proto::StreamId;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::endpoint::{Conn, ConnState, Slot, AHEAD};
+use crate::endpoint::{Conn, ConnState, Slot};
 
 /// Chunks shorter than this are copied into a shared buffer instead of being
 /// kept: a kept chunk pins the whole buffer its datagram was received in (up to
@@ -118,8 +118,9 @@ impl ChunkQueue {
 
 /// A served stream's read half, over its [`Slot`] in the connection.
 ///
-/// The queue only grows up to the larger of the low-water mark (one payload
-/// while the stream driver waits for a whole one) and [`AHEAD`]: taking bytes out of
+/// The queue only grows up to [`Slot::target`], the larger of the low-water
+/// mark (one payload while the stream driver waits for a whole one) and
+/// 64 KiB: taking bytes out of
 /// quinn-proto hands their flow-control credit back to the peer, so the queue
 /// is bounded by what is taken, not by the stream's window.
 pub(crate) struct StreamReader {
@@ -133,8 +134,9 @@ impl StreamReader {
     }
 
     /// Runs `f` on the connection and this stream's slot (an error if the
-    /// slot is gone, which only happens once the reader is), then has the driver send what
-    /// that produced (flow-control credit).
+    /// slot is gone, which only happens once the reader is), then, if `f`
+    /// pulled bytes that earn the peer credit, has the driver send it (a
+    /// read that changed nothing in quinn-proto does not wake the driver).
     fn with_slot<T>(
         &self,
         f: impl FnOnce(&mut ConnState, StreamId) -> io::Result<T>,
@@ -147,7 +149,9 @@ impl StreamReader {
             ));
         }
         let r = f(&mut st, self.id);
-        self.conn.settle();
+        if std::mem::take(&mut st.credit_due) {
+            self.conn.settle();
+        }
         r
     }
 
@@ -173,7 +177,7 @@ impl StreamReader {
                 };
             }
             let taken = slot.queue.take(n);
-            let target = slot.low_water.max(AHEAD);
+            let target = slot.target();
             // The next payload's bytes, and their credit back to the peer.
             st.pull(id, target);
             Ok(Some(taken))
@@ -248,8 +252,11 @@ impl DirectRecv for StreamReader {
     fn readable(&self) -> impl Future<Output = io::Result<bool>> + Send {
         poll_fn(move |cx| {
             let r = self.with_slot(|st, id| {
-                let mark = slot(st, id).low_water;
-                st.pull(id, mark.max(AHEAD));
+                let (mark, target) = {
+                    let slot = slot(st, id);
+                    (slot.low_water, slot.target())
+                };
+                st.pull(id, target);
                 let slot = slot(st, id);
                 if slot.queue.len() >= mark || slot.ended() {
                     // Short of the mark only once the stream ended.
