@@ -624,15 +624,7 @@ async fn large_payloads_arrive_intact_on_loopback_and_gso_paths() {
             ("loopback_mtu=0", 1),
             ("loopback_mtu=0", 2),
         ] {
-            let server = Server::builder(spec_of(BIG))
-                .batch_size(4)
-                .registry(registry())
-                .build()
-                .unwrap();
-            let url = server
-                .listen(&format!("quic://127.0.0.1:0?{query}"))
-                .await
-                .unwrap();
+            let (server, url) = server_of(BIG, query, 4).await;
             let mut client = registry()
                 .connect(
                     &format!("{url}&streams={streams}&{query}"),
