@@ -351,7 +351,7 @@ impl ClientFactory for QuicClientFactory {
             }
         }?;
         Ok(Box::new(QuicClient {
-            peer: peer.clone(),
+            peer,
             payload_size: spec.payload_size(),
             endpoint,
             conn,
