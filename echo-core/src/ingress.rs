@@ -343,6 +343,15 @@ impl ShutdownSignal {
     pub fn is_set(&self) -> bool {
         *self.0.borrow()
     }
+
+    /// Waits until this signal or `other` fires (a server's shutdown or its
+    /// transport's stop, say).
+    pub async fn wait_or(&mut self, other: &mut ShutdownSignal) {
+        tokio::select! {
+            _ = self.wait() => {},
+            _ = other.wait() => {},
+        }
+    }
 }
 
 /// One peer's queue into the server. Dropping it closes the connection's queue

@@ -62,13 +62,6 @@ impl Stopper {
     }
 }
 
-async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
-    tokio::select! {
-        _ = a.wait() => {},
-        _ = b.wait() => {},
-    }
-}
-
 /// Payloads of at least this many bytes are received straight into the store's
 /// slots by [`spawn_acceptor`]'s connections when their stream supports it
 /// ([`DirectRecv`]); smaller ones are read many per call into a receive buffer.
@@ -388,7 +381,7 @@ where
     // Reads and ack writes are polled first; the stop future only when they wait
     // (Tokio's cooperative budget makes a busy stream wait now and then, and every
     // push sees a server shutdown at once).
-    let stopped = either(&mut server_stop, &mut stop);
+    let stopped = server_stop.wait_or(&mut stop);
     tokio::pin!(stopped);
     let ps = conn.spec().payload_size();
     let mut low_water = 1;
@@ -580,7 +573,7 @@ pub fn spawn_acceptor<A: Accept>(
         let mut tasks = JoinSet::new();
         loop {
             tokio::select! {
-                _ = either(&mut server_stop, &mut stop) => break,
+                _ = server_stop.wait_or(&mut stop) => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 accepted = acceptor.accept() => match accepted {
                     Ok((r, w, peer)) => match ingress.open(scheme, peer.clone()) {

@@ -152,13 +152,6 @@ fn shutting_down() -> Status {
     Status::unavailable("the server is shutting down")
 }
 
-async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
-    tokio::select! {
-        _ = a.wait() => {},
-        _ = b.wait() => {},
-    }
-}
-
 /// Reads one Push stream: checks each message, queues its payloads without
 /// copying, and publishes the cumulative ack count.
 async fn serve_push(
@@ -174,7 +167,7 @@ async fn serve_push(
     let end = loop {
         let msg = tokio::select! {
             biased;
-            _ = either(&mut server_stop, &mut stop) => break Err(shutting_down()),
+            _ = server_stop.wait_or(&mut stop) => break Err(shutting_down()),
             m = stream.message() => m,
         };
         let payloads = match msg {
@@ -187,7 +180,7 @@ async fn serve_push(
         }
         let pushed = tokio::select! {
             biased;
-            _ = either(&mut server_stop, &mut stop) => break Err(shutting_down()),
+            _ = server_stop.wait_or(&mut stop) => break Err(shutting_down()),
             r = conn.push_bytes(payloads) => r,
         };
         match pushed {
@@ -398,7 +391,7 @@ impl TransportFactory for GrpcTransportFactory {
         let mut stop = stopper.signal();
         let router = builder.add_service(svc);
         let server = tokio::spawn(async move {
-            let signal = async move { either(&mut server_stop, &mut stop).await };
+            let signal = async move { server_stop.wait_or(&mut stop).await };
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
                 tracing::error!("{}", tonic_error("grpc server", &e));
             }

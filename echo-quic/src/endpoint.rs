@@ -549,7 +549,7 @@ impl Driver {
                     .into(),
             );
             tokio::select! {
-                _ = either(&mut server_stop, &mut stop), if !self.stopping => {
+                _ = server_stop.wait_or(&mut stop), if !self.stopping => {
                     self.stopping = true;
                 }
                 Some(_) = self.streams.join_next(), if !self.streams.is_empty() => {}
@@ -916,11 +916,4 @@ fn stream_handles(c: &Arc<Conn>, st: &mut ConnState, id: StreamId) -> (StreamRea
         id,
     };
     (reader, writer)
-}
-
-async fn either(a: &mut ShutdownSignal, b: &mut ShutdownSignal) {
-    tokio::select! {
-        _ = a.wait() => {},
-        _ = b.wait() => {},
-    }
 }
