@@ -30,7 +30,7 @@
 //! floor for the cost per byte, and has no cost per sample. Nor is it a floor
 //! for small datagrams: it makes one system call per datagram, where quinn
 //! hands the kernel up to 10 at once (GSO) below 6,550 bytes. The load generator is this
-//! process: N clients on a 2-thread Tokio runtime, each sending one pre-built
+//! process: N clients on a 2-thread Tokio runtime (`--client-threads`), each sending one pre-built
 //! payload, handed over as `Bytes` (`Client::send_bytes`; `--borrowed` sends
 //! it as a slice), with `max_inflight` unacknowledged (for QUIC: in total over
 //! its streams), for a fixed time, then waiting for every ack. The tcp and
@@ -99,6 +99,11 @@ struct Args {
     /// every payload before quinn takes it.
     #[arg(long)]
     borrowed: bool,
+    /// Worker threads of the Tokio runtime every client of a measurement
+    /// shares (the load generator). With two, on a two-core machine, the
+    /// clients' threads and the server's take turns on both cores.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    client_threads: u16,
     /// Internal: run as a server process for this URL.
     #[arg(long, hide = true)]
     role: Option<String>,
@@ -327,7 +332,7 @@ fn main() {
     }
     let secs = args.seconds.unwrap_or(if args.quick { 0.3 } else { 2.0 });
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.client_threads.into())
         .enable_all()
         .build()
         .expect("runtime");
