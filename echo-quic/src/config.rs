@@ -40,9 +40,13 @@ pub struct Tuning {
     /// (`udp_buffer`, which the kernel doubles), one connection cannot overflow
     /// it while the server is briefly descheduled (with 8 / 16 MiB, a thousand
     /// or more datagrams dropped per 2 s run on loopback, and losses that can
-    /// make quinn-proto take the path for an MTU black hole; BENCHMARKS.md). A server also takes up to one payload per
-    /// stream out of this window while it waits for a whole one (payloads of
-    /// 64 KiB or more, which are received straight into the store).
+    /// make quinn-proto take the path for an MTU black hole; BENCHMARKS.md).
+    /// A server's connections share its buffer: with `n` of them, each gets
+    /// the largest of this window, half of it, a quarter, and so on down to
+    /// 256 KiB, that is at most half the buffer divided by `n`. A server also
+    /// takes up to one payload per stream out of this window while it waits
+    /// for a whole one (payloads of 64 KiB or more, which are received
+    /// straight into the store).
     pub conn_window: u64,
     /// Bytes of application writes a sender keeps until they are acknowledged
     /// (`send_window`, default 16 MiB). A client also keeps up to this many
@@ -351,11 +355,16 @@ impl Tuning {
 
     /// A server endpoint's socket ([`socket`](Self::socket), with receive
     /// offload on where the system has it: the server's driver splits what
-    /// it receives by the segment size the kernel reports), and whether the
-    /// system may fragment datagrams sent on it (then path-MTU discovery is off).
-    pub(crate) fn server_socket(&self, addr: SocketAddr) -> Result<(UdpSocket, bool)> {
+    /// it receives by the segment size the kernel reports), whether the
+    /// system may fragment datagrams sent on it (then path-MTU discovery is
+    /// off), and the receive buffer the system gave it, if it says.
+    pub(crate) fn server_socket(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(UdpSocket, bool, Option<usize>)> {
         let (socket, state) = self.socket_with_state(addr)?;
-        Ok((socket, state.may_fragment()))
+        let recv_buffer = state.recv_buffer_size((&socket).into()).ok();
+        Ok((socket, state.may_fragment(), recv_buffer))
     }
 
     fn socket_with_state(

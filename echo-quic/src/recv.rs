@@ -290,7 +290,7 @@ impl Drop for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::{Driver, StreamWriter};
+    use crate::endpoint::{Driver, StreamWriter, Windows};
     use echo_core::stream::Stopper;
     use proptest::prelude::*;
     use quinn::crypto::rustls::QuicClientConfig;
@@ -427,7 +427,7 @@ mod tests {
         Driver::start(
             socket,
             endpoint,
-            config,
+            Windows::fixed(config),
             server.ingress(),
             stopper.signal(),
             16,

@@ -11,10 +11,11 @@ use echo_core::stream::Stopper;
 use echo_core::transport::{host_port, query_param};
 use echo_core::{Error, Ingress, Result, Transport, TransportFactory, Url};
 use quinn_proto::crypto::rustls::QuicServerConfig;
+use quinn_proto::VarInt;
 use tokio::sync::oneshot;
 
 use crate::config::{Peer, Tuning};
-use crate::endpoint::Driver;
+use crate::endpoint::{Driver, Windows};
 use crate::tls;
 
 /// Application error code: a stream or connection the server refused (a limit).
@@ -130,7 +131,7 @@ impl TransportFactory for QuicTransportFactory {
                     .collect()
             });
 
-        let (socket, may_fragment) = tuning.server_socket(addr)?;
+        let (socket, may_fragment, recv_buffer) = tuning.server_socket(addr)?;
         let bound = socket.local_addr()?;
         let mut remove_cert = false;
         // A generated certificate is written once the endpoint is up, so a bind
@@ -169,9 +170,11 @@ impl TransportFactory for QuicTransportFactory {
         let crypto = QuicServerConfig::try_from(tls::server_config(chain, key)?)
             .map_err(|e| Error::Tls(format!("QUIC cannot use this TLS config: {e}")))?;
         let crypto = Arc::new(crypto);
-        let server_config = |peer| {
+        let server_config = |peer, conn_window: u64| {
             let mut c = quinn_proto::ServerConfig::with_crypto(crypto.clone());
-            c.transport_config(Arc::new(tuning.transport(max_streams, false, peer)));
+            let mut t = tuning.transport(max_streams, false, peer);
+            t.receive_window(VarInt::from_u64(conn_window).unwrap_or(VarInt::MAX));
+            c.transport_config(Arc::new(t));
             // No connection migration: peers are on a LAN, and it keeps peer names stable.
             c.migration(false);
             c
@@ -182,10 +185,17 @@ impl TransportFactory for QuicTransportFactory {
         } else {
             Peer::of(bound.ip())
         };
-        let loopback_config = Arc::new(server_config(Peer::Loopback));
+        // The connections' windows share the receive buffer: the kernel
+        // counts what a datagram's buffers take, more than its bytes, against
+        // it (`recv_buffer` is that limit), so they get half of it.
+        let windows = Windows::new(
+            recv_buffer.map_or(u64::MAX, |b| b as u64 / 2),
+            tuning.conn_window,
+            server_config,
+        );
         let endpoint = quinn_proto::Endpoint::new(
             Arc::new(tuning.endpoint(endpoint_peers)),
-            Some(Arc::new(server_config(Peer::Remote))),
+            Some(Arc::new(server_config(Peer::Remote, tuning.conn_window))),
             // Path-MTU discovery only where oversized datagrams are dropped,
             // not fragmented.
             !may_fragment,
@@ -204,7 +214,7 @@ impl TransportFactory for QuicTransportFactory {
         let stopped = Driver::start(
             socket,
             endpoint,
-            loopback_config,
+            windows,
             ingress,
             stopper.signal(),
             max_conns,

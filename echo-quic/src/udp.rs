@@ -162,7 +162,7 @@ mod tests {
     #[tokio::test]
     async fn receive_offload_splits_into_the_datagrams_sent() {
         let tuning = crate::Tuning::default();
-        let (rx, _) = tuning
+        let (rx, ..) = tuning
             .server_socket("127.0.0.1:0".parse().unwrap())
             .unwrap();
         rx.set_nonblocking(true).unwrap();
