@@ -1020,12 +1020,87 @@ fn stream_handles(c: &Arc<Conn>, st: &mut ConnState, id: StreamId) -> (StreamRea
     (reader, writer)
 }
 
+/// A tapped driver for tests of the stream handles and the driver.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use echo_core::stream::Stopper;
     use quinn::crypto::rustls::QuicClientConfig;
     use quinn_proto::crypto::rustls::QuicServerConfig;
+
+    /// A driver on 127.0.0.1 that hands every stream opened to `tapped`, and
+    /// what its tests need of it.
+    pub(crate) struct Tapped {
+        pub(crate) addr: SocketAddr,
+        /// A quinn client config that trusts the driver's certificate.
+        pub(crate) client: quinn::ClientConfig,
+        /// Kept open: a tapped driver must never drop the handles it could
+        /// not hand over, which would lock the connection it holds locked.
+        pub(crate) tapped: tokio::sync::mpsc::UnboundedReceiver<(StreamReader, StreamWriter)>,
+        /// Kept alive: the driver's ingress.
+        pub(crate) _server: echo_core::Server,
+        pub(crate) stopper: Stopper,
+        pub(crate) stopped: oneshot::Receiver<()>,
+    }
+
+    /// Starts a tapped driver whose endpoint's default config and windows
+    /// `configs` makes from the TLS config of a fresh certificate.
+    pub(crate) async fn tapped_driver(
+        configs: impl FnOnce(Arc<QuicServerConfig>) -> (Arc<ServerConfig>, Windows),
+    ) -> Tapped {
+        let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
+        let tls = crate::tls::server_config(vec![cert.cert.clone()], cert.key).unwrap();
+        let (default, windows) = configs(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        // (quinn-proto answers no connection without a default config.)
+        let endpoint = Endpoint::new(Default::default(), Some(default), false, None);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
+            .build()
+            .unwrap();
+        let stopper = Stopper::default();
+        let (tap, tapped) = tokio::sync::mpsc::unbounded_channel();
+        let stopped = Driver::start(
+            socket,
+            endpoint,
+            windows,
+            server.ingress(),
+            stopper.signal(),
+            16,
+            Some(tap),
+        )
+        .await
+        .unwrap();
+        let (client_tls, _) =
+            crate::tls::client_config(vec![cert.cert], std::path::Path::new("test")).unwrap();
+        let client =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
+        Tapped {
+            addr,
+            client,
+            tapped,
+            _server: server,
+            stopper,
+            stopped,
+        }
+    }
+
+    /// A quinn client's connection to `t`.
+    pub(crate) async fn connect(t: &Tapped) -> (quinn::Endpoint, quinn::Connection) {
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = client
+            .connect_with(t.client.clone(), t.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        (client, conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{connect, tapped_driver};
+    use super::*;
     use quinn_proto::TransportConfig;
     use tokio::time::{sleep, timeout};
 
@@ -1035,7 +1110,9 @@ mod tests {
         Windows::new(budget, max, |_, _| {
             let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
             let tls = crate::tls::server_config(vec![cert.cert], cert.key).unwrap();
-            ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()))
+            ServerConfig::with_crypto(Arc::new(
+                quinn_proto::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+            ))
         })
     }
 
@@ -1064,52 +1141,22 @@ mod tests {
     /// configured 4 MiB window would let it send four times as much.
     #[tokio::test]
     async fn connections_share_the_receive_buffer() {
-        let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
-        let tls = crate::tls::server_config(vec![cert.cert.clone()], cert.key).unwrap();
-        let crypto = Arc::new(QuicServerConfig::try_from(tls).unwrap());
-        let config = |_, window: u64| {
-            let mut t = TransportConfig::default();
-            t.stream_receive_window(VarInt::from_u64(16 * MIB).unwrap())
-                .receive_window(VarInt::from_u64(window).unwrap());
-            let mut c = ServerConfig::with_crypto(crypto.clone());
-            c.transport_config(Arc::new(t));
-            c
-        };
-        // (quinn-proto answers no connection without a default config.)
-        let default = Arc::new(config(Peer::Remote, 4 * MIB));
-        let windows = Windows::new(2 * MIB, 4 * MIB, config);
-        let endpoint = Endpoint::new(Default::default(), Some(default), false, None);
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = socket.local_addr().unwrap();
-        let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
-            .build()
-            .unwrap();
-        let stopper = Stopper::default();
-        let (tap, mut tapped) = tokio::sync::mpsc::unbounded_channel();
-        let server_stopped = Driver::start(
-            socket,
-            endpoint,
-            windows,
-            server.ingress(),
-            stopper.signal(),
-            16,
-            Some(tap),
-        )
-        .await
-        .unwrap();
-        let (client_tls, _) =
-            crate::tls::client_config(vec![cert.cert], std::path::Path::new("test")).unwrap();
-        let client_cfg =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
+        let mut t = tapped_driver(|crypto| {
+            let config = |_, window: u64| {
+                let mut t = TransportConfig::default();
+                t.stream_receive_window(VarInt::from_u64(16 * MIB).unwrap())
+                    .receive_window(VarInt::from_u64(window).unwrap());
+                let mut c = ServerConfig::with_crypto(crypto.clone());
+                c.transport_config(Arc::new(t));
+                c
+            };
+            let default = Arc::new(config(Peer::Remote, 4 * MIB));
+            (default, Windows::new(2 * MIB, 4 * MIB, config))
+        })
+        .await;
         let mut clients = Vec::new();
         for _ in 0..3 {
-            let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            let conn = client
-                .connect_with(client_cfg.clone(), addr, "localhost")
-                .unwrap()
-                .await
-                .unwrap();
-            clients.push((client, conn));
+            clients.push(connect(&t).await);
         }
         let conn = &clients[2].1;
         let (mut send, _recv) = conn.open_bi().await.unwrap();
@@ -1118,7 +1165,7 @@ mod tests {
             send
         });
         // The stream reaches the tap (whose reader never reads).
-        let handles = timeout(Duration::from_secs(10), tapped.recv())
+        let handles = timeout(Duration::from_secs(10), t.tapped.recv())
             .await
             .unwrap()
             .unwrap();
@@ -1139,11 +1186,11 @@ mod tests {
         );
         drop(handles);
         sending.abort();
-        stopper.stop();
+        t.stopper.stop();
         for (_, conn) in &clients {
             conn.close(0u32.into(), b"done");
         }
-        drop(tapped);
-        let _ = timeout(Duration::from_secs(10), server_stopped).await;
+        drop(t.tapped);
+        let _ = timeout(Duration::from_secs(10), t.stopped).await;
     }
 }

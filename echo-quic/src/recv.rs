@@ -290,12 +290,10 @@ impl Drop for StreamReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::{Driver, StreamWriter, Windows};
-    use echo_core::stream::Stopper;
+    use crate::endpoint::testing::{connect, tapped_driver, Tapped};
+    use crate::endpoint::{StreamWriter, Windows};
     use proptest::prelude::*;
-    use quinn::crypto::rustls::QuicClientConfig;
     use quinn::SendStream;
-    use quinn_proto::crypto::rustls::QuicServerConfig;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::time::timeout;
@@ -395,59 +393,22 @@ mod tests {
     /// dropping it stops the driver.
     struct Keep {
         _client: (quinn::Endpoint, quinn::Connection, quinn::RecvStream),
-        /// Kept open: a tapped driver must never drop the handles it could
-        /// not hand over, which would lock the connection it holds locked.
-        _tapped: tokio::sync::mpsc::UnboundedReceiver<(StreamReader, StreamWriter)>,
-        _server: echo_core::Server,
+        _driver: Tapped,
         _writer: StreamWriter,
-        _stopper: Stopper,
     }
 
     /// A quinn client's stream to a tapped driver, and the driver's reader of
     /// it (one byte already read through it).
     async fn stream_pair() -> (SendStream, StreamReader, Keep) {
-        let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
-        let server_tls = crate::tls::server_config(vec![cert.cert.clone()], cert.key).unwrap();
-        let config = Arc::new(quinn_proto::ServerConfig::with_crypto(Arc::new(
-            QuicServerConfig::try_from(server_tls).unwrap(),
-        )));
-        let endpoint = quinn_proto::Endpoint::new(
-            Arc::new(quinn_proto::EndpointConfig::default()),
-            Some(config.clone()),
-            false,
-            None,
-        );
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = socket.local_addr().unwrap();
-        let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
-            .build()
-            .unwrap();
-        let stopper = Stopper::default();
-        let (tap, mut tapped) = tokio::sync::mpsc::unbounded_channel();
-        Driver::start(
-            socket,
-            endpoint,
-            Windows::fixed(config),
-            server.ingress(),
-            stopper.signal(),
-            16,
-            Some(tap),
-        )
-        .await
-        .unwrap();
-        let (client_tls, _) =
-            crate::tls::client_config(vec![cert.cert], std::path::Path::new("test")).unwrap();
-        let client_cfg =
-            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).unwrap()));
-        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let conn = client
-            .connect_with(client_cfg, addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
+        let mut t = tapped_driver(|crypto| {
+            let config = Arc::new(quinn_proto::ServerConfig::with_crypto(crypto));
+            (config.clone(), Windows::fixed(config))
+        })
+        .await;
+        let (client, conn) = connect(&t).await;
         let (mut send, recv) = conn.open_bi().await.unwrap();
         send.write_all(b"x").await.unwrap();
-        let (mut reader, writer) = timeout(Duration::from_secs(10), tapped.recv())
+        let (mut reader, writer) = timeout(Duration::from_secs(10), t.tapped.recv())
             .await
             .unwrap()
             .unwrap();
@@ -456,10 +417,8 @@ mod tests {
         assert_eq!(&one, b"x");
         let keep = Keep {
             _client: (client, conn, recv),
-            _tapped: tapped,
-            _server: server,
+            _driver: t,
             _writer: writer,
-            _stopper: stopper,
         };
         (send, reader, keep)
     }
