@@ -806,59 +806,63 @@ impl Driver {
             }
             self.mark(h);
         }
-        for h in std::mem::take(&mut self.dirty) {
-            let Some(e) = self.conns.get_mut(&h) else {
-                continue;
-            };
-            e.dirty = false;
-            let c = e.conn.clone();
-            let mut st = c.lock();
-            if st.conn.poll_timeout().is_some_and(|t| t <= now) {
-                st.conn.handle_timeout(now);
-            }
-            if e.handshake_deadline.is_some_and(|d| d <= now) {
-                e.handshake_deadline = None;
-                self.counters.connections_refused.fetch_add(1, Relaxed);
-                tracing::info!(
-                    "quic {}: no QUIC handshake within {:?}",
-                    st.conn.remote_address(),
-                    self.ingress.limits().handshake_timeout
-                );
-                st.conn.close(
-                    now,
-                    VarInt::from_u32(CODE_REFUSED),
-                    "handshake timeout".into(),
-                );
-            }
-            self.events(h, &c, &mut st);
-            st.credit_due = false;
-            if st.flush(&self.shared, now, &mut self.tx) {
-                self.blocked.push(h);
-            }
-            self.endpoint_events(h, &mut st);
-            if st.conn.is_drained() {
-                if let Some(t) = self.conns.remove(&h).and_then(|e| e.scheduled) {
-                    self.timers.remove(&(t, h));
-                }
-                drop(st);
-                self.share_windows();
-                continue;
-            }
-            let timeout = st.conn.poll_timeout();
-            drop(st);
-            if let Some(e) = self.conns.get_mut(&h) {
-                let next = match (timeout, e.handshake_deadline) {
-                    (Some(t), Some(d)) => Some(t.min(d)),
-                    (t, d) => t.or(d),
+        // Connections marked while others are driven (their windows grew
+        // when one was closed) are driven too before the driver waits.
+        while !self.dirty.is_empty() {
+            for h in std::mem::take(&mut self.dirty) {
+                let Some(e) = self.conns.get_mut(&h) else {
+                    continue;
                 };
-                if e.scheduled != next {
-                    if let Some(old) = e.scheduled {
-                        self.timers.remove(&(old, h));
+                e.dirty = false;
+                let c = e.conn.clone();
+                let mut st = c.lock();
+                if st.conn.poll_timeout().is_some_and(|t| t <= now) {
+                    st.conn.handle_timeout(now);
+                }
+                if e.handshake_deadline.is_some_and(|d| d <= now) {
+                    e.handshake_deadline = None;
+                    self.counters.connections_refused.fetch_add(1, Relaxed);
+                    tracing::info!(
+                        "quic {}: no QUIC handshake within {:?}",
+                        st.conn.remote_address(),
+                        self.ingress.limits().handshake_timeout
+                    );
+                    st.conn.close(
+                        now,
+                        VarInt::from_u32(CODE_REFUSED),
+                        "handshake timeout".into(),
+                    );
+                }
+                self.events(h, &c, &mut st);
+                st.credit_due = false;
+                if st.flush(&self.shared, now, &mut self.tx) {
+                    self.blocked.push(h);
+                }
+                self.endpoint_events(h, &mut st);
+                if st.conn.is_drained() {
+                    if let Some(t) = self.conns.remove(&h).and_then(|e| e.scheduled) {
+                        self.timers.remove(&(t, h));
                     }
-                    if let Some(t) = next {
-                        self.timers.insert((t, h));
+                    drop(st);
+                    self.share_windows();
+                    continue;
+                }
+                let timeout = st.conn.poll_timeout();
+                drop(st);
+                if let Some(e) = self.conns.get_mut(&h) {
+                    let next = match (timeout, e.handshake_deadline) {
+                        (Some(t), Some(d)) => Some(t.min(d)),
+                        (t, d) => t.or(d),
+                    };
+                    if e.scheduled != next {
+                        if let Some(old) = e.scheduled {
+                            self.timers.remove(&(old, h));
+                        }
+                        if let Some(t) = next {
+                            self.timers.insert((t, h));
+                        }
+                        e.scheduled = next;
                     }
-                    e.scheduled = next;
                 }
             }
         }
