@@ -57,7 +57,7 @@ pub mod testkit;
 /// The synchronisation primitives the store uses; the loom model of the store
 /// (`tests/loom_store.rs`) compiles `store.rs` against its own version of this module.
 mod sync {
-    pub(crate) use event_listener::{Event, Listener};
+    pub(crate) use event_listener::{Event, EventListener, Listener};
     pub(crate) use std::sync::atomic;
 }
 

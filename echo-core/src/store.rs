@@ -15,7 +15,7 @@ use crate::spec::{DType, Spec};
 // Atomics and wake-ups come through `crate::sync` so that the loom model
 // (echo-core/tests/loom_store.rs) can compile this file against loom's.
 use crate::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
-use crate::sync::{Event, Listener};
+use crate::sync::{Event, EventListener, Listener};
 use crate::{Error, Result};
 
 const CLOSED: u64 = 1 << 63;
@@ -216,19 +216,11 @@ impl Store {
                 .reserve(rest.len() / self.inner.spec.payload_size())?;
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
-            loop {
-                if self.inner.is_free(batch)? {
-                    break;
-                }
-                let listener = self.inner.space.listen();
-                if self.inner.is_free(batch)? {
-                    break;
-                }
-                if !blocked {
-                    blocked = true;
-                    self.inner.push_blocked.fetch_add(1, Relaxed);
-                }
-                listener.await;
+            while let Some(l) = self
+                .inner
+                .listen_unless(|| self.inner.is_free(batch), &mut blocked)?
+            {
+                l.await;
             }
             rest = self.inner.fill(start, n, rest);
         }
@@ -244,19 +236,11 @@ impl Store {
                 .reserve(rest.len() / self.inner.spec.payload_size())?;
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
-            loop {
-                if self.inner.is_free(batch)? {
-                    break;
-                }
-                let listener = self.inner.space.listen();
-                if self.inner.is_free(batch)? {
-                    break;
-                }
-                if !blocked {
-                    blocked = true;
-                    self.inner.push_blocked.fetch_add(1, Relaxed);
-                }
-                listener.wait();
+            while let Some(l) = self
+                .inner
+                .listen_unless(|| self.inner.is_free(batch), &mut blocked)?
+            {
+                l.wait();
             }
             rest = self.inner.fill(start, n, rest);
         }
@@ -311,20 +295,10 @@ impl Store {
             self.inner.is_free(next / bs)
         };
         let mut blocked = false;
-        loop {
-            if free()? {
-                return Ok(());
-            }
-            let listener = self.inner.space.listen();
-            if free()? {
-                return Ok(());
-            }
-            if !blocked {
-                blocked = true;
-                self.inner.push_blocked.fetch_add(1, Relaxed);
-            }
-            listener.await;
+        while let Some(l) = self.inner.listen_unless(free, &mut blocked)? {
+            l.await;
         }
+        Ok(())
     }
 
     /// True once a reservation was dropped without being committed: the store
@@ -462,6 +436,28 @@ impl Inner {
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// `None` once `free` holds; until then a listener for ring space to wait
+    /// on before asking again (taken between two checks, so no hand-back in
+    /// between is missed), counting the writer as blocked the first time.
+    fn listen_unless(
+        &self,
+        free: impl Fn() -> Result<bool>,
+        blocked: &mut bool,
+    ) -> Result<Option<EventListener>> {
+        if free()? {
+            return Ok(None);
+        }
+        let listener = self.space.listen();
+        if free()? {
+            return Ok(None);
+        }
+        if !*blocked {
+            *blocked = true;
+            self.push_blocked.fetch_add(1, Relaxed);
+        }
+        Ok(Some(listener))
     }
 
     fn is_free(&self, batch: u64) -> Result<bool> {
