@@ -176,6 +176,41 @@ fn utf8(index: usize, bytes: Vec<u8>) -> Result<String, ControlError> {
     })
 }
 
+/// Field `index` of a record of `count` strings, for the errors that name it.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    index: usize,
+    count: usize,
+}
+
+impl At {
+    /// The field's length prefix ended after `got` bytes.
+    fn short_prefix(self, got: usize) -> ControlError {
+        ControlError::Truncated {
+            index: self.index,
+            count: self.count,
+            in_length: true,
+            expected: LEN_PREFIX,
+            got,
+        }
+    }
+
+    /// The field's text from its body as read (`len` bytes announced):
+    /// `Truncated` if fewer came, `Utf8` if they are not text.
+    fn text(self, len: usize, body: Vec<u8>) -> Result<String, ControlError> {
+        if body.len() < len {
+            return Err(ControlError::Truncated {
+                index: self.index,
+                count: self.count,
+                in_length: false,
+                expected: len,
+                got: body.len(),
+            });
+        }
+        utf8(self.index, body)
+    }
+}
+
 /// Decodes `count` strings from the start of `buf`, allowing at most `max` bytes in
 /// the record; returns them and the bytes used. A buffer that ends early is
 /// [`ControlError::Truncated`].
@@ -187,31 +222,17 @@ pub fn decode_record(
     let mut out = Vec::with_capacity(count.min(16));
     let mut pos = 0usize;
     for index in 0..count {
+        let at = At { index, count };
         let rest = &buf[pos..];
         let Some(prefix) = rest.get(..LEN_PREFIX) else {
-            return Err(ControlError::Truncated {
-                index,
-                count,
-                in_length: true,
-                expected: LEN_PREFIX,
-                got: rest.len(),
-            });
+            return Err(at.short_prefix(rest.len()));
         };
         let announced = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
         admit(index, pos as u64, announced, max)?;
         pos += LEN_PREFIX;
         let len = announced as usize; // <= max, so it fits
         let rest = &buf[pos..];
-        let Some(body) = rest.get(..len) else {
-            return Err(ControlError::Truncated {
-                index,
-                count,
-                in_length: false,
-                expected: len,
-                got: rest.len(),
-            });
-        };
-        out.push(utf8(index, body.to_vec())?);
+        out.push(at.text(len, rest[..len.min(rest.len())].to_vec())?);
         pos += len;
     }
     Ok((out, pos))
@@ -272,32 +293,18 @@ pub fn read_record<R: Read + ?Sized>(
     let mut out = Vec::with_capacity(count.min(16));
     let mut size = 0u64;
     for index in 0..count {
+        let at = At { index, count };
         let mut prefix = [0u8; LEN_PREFIX];
         let got = read_full(r, &mut prefix)?;
         if got < LEN_PREFIX {
-            return Err(ControlError::Truncated {
-                index,
-                count,
-                in_length: true,
-                expected: LEN_PREFIX,
-                got,
-            });
+            return Err(at.short_prefix(got));
         }
         let announced = u32::from_be_bytes(prefix);
         size = admit(index, size, announced, max)?;
         let len = announced as usize;
         let mut body = Vec::with_capacity(len.min(INITIAL_BODY));
         r.take(len as u64).read_to_end(&mut body)?;
-        if body.len() < len {
-            return Err(ControlError::Truncated {
-                index,
-                count,
-                in_length: false,
-                expected: len,
-                got: body.len(),
-            });
-        }
-        out.push(utf8(index, body)?);
+        out.push(at.text(len, body)?);
     }
     Ok(out)
 }
@@ -323,19 +330,12 @@ pub async fn read_record_async<R: AsyncRead + Unpin + ?Sized>(
     let mut out = Vec::with_capacity(count.min(16));
     let mut size = 0u64;
     for index in 0..count {
+        let at = At { index, count };
         let mut prefix = [0u8; LEN_PREFIX];
         let mut got = 0;
         while got < LEN_PREFIX {
             match r.read(&mut prefix[got..]).await? {
-                0 => {
-                    return Err(ControlError::Truncated {
-                        index,
-                        count,
-                        in_length: true,
-                        expected: LEN_PREFIX,
-                        got,
-                    })
-                }
+                0 => return Err(at.short_prefix(got)),
                 k => got += k,
             }
         }
@@ -344,16 +344,7 @@ pub async fn read_record_async<R: AsyncRead + Unpin + ?Sized>(
         let len = announced as usize;
         let mut body = Vec::with_capacity(len.min(INITIAL_BODY));
         (&mut *r).take(len as u64).read_to_end(&mut body).await?;
-        if body.len() < len {
-            return Err(ControlError::Truncated {
-                index,
-                count,
-                in_length: false,
-                expected: len,
-                got: body.len(),
-            });
-        }
-        out.push(utf8(index, body)?);
+        out.push(at.text(len, body)?);
     }
     Ok(out)
 }
