@@ -43,7 +43,10 @@ pub struct Tuning {
     /// make quinn-proto take the path for an MTU black hole; BENCHMARKS.md).
     /// A server's connections share its buffer: with `n` of them, each gets
     /// the largest of this window, half of it, a quarter, and so on down to
-    /// 256 KiB, that is at most half the buffer divided by `n`. A server also
+    /// 256 KiB, that is at most half the buffer divided by `n` (on loopback
+    /// and a LAN a whole window can sit in the buffer; on long paths most of
+    /// it is in the network, so there raise `udp_buffer` and the system's
+    /// maximum to keep the shares large enough). A server also
     /// takes up to one payload per stream out of this window while it waits
     /// for a whole one (payloads of 64 KiB or more, which are received
     /// straight into the store).
