@@ -195,17 +195,22 @@ impl At {
         }
     }
 
+    /// The field's body ended after `got` of the `expected` bytes announced.
+    fn short_body(self, expected: usize, got: usize) -> ControlError {
+        ControlError::Truncated {
+            index: self.index,
+            count: self.count,
+            in_length: false,
+            expected,
+            got,
+        }
+    }
+
     /// The field's text from its body as read (`len` bytes announced):
     /// `Truncated` if fewer came, `Utf8` if they are not text.
     fn text(self, len: usize, body: Vec<u8>) -> Result<String, ControlError> {
         if body.len() < len {
-            return Err(ControlError::Truncated {
-                index: self.index,
-                count: self.count,
-                in_length: false,
-                expected: len,
-                got: body.len(),
-            });
+            return Err(self.short_body(len, body.len()));
         }
         utf8(self.index, body)
     }
@@ -232,7 +237,10 @@ pub fn decode_record(
         pos += LEN_PREFIX;
         let len = announced as usize; // <= max, so it fits
         let rest = &buf[pos..];
-        out.push(at.text(len, rest[..len.min(rest.len())].to_vec())?);
+        let Some(body) = rest.get(..len) else {
+            return Err(at.short_body(len, rest.len()));
+        };
+        out.push(at.text(len, body.to_vec())?);
         pos += len;
     }
     Ok((out, pos))

@@ -41,9 +41,10 @@ pub struct Tuning {
     /// it while the server is briefly descheduled (with 8 / 16 MiB, a thousand
     /// or more datagrams dropped per 2 s run on loopback, and losses that can
     /// make quinn-proto take the path for an MTU black hole; BENCHMARKS.md).
-    /// A server's connections share its buffer: with `n` of them, each gets
-    /// the largest of this window, half of it, a quarter, and so on down to
-    /// 256 KiB, that is at most half the buffer divided by `n` (on loopback
+    /// A server's connections share its buffer: with `n` established, each
+    /// gets the largest of this window, half of it, a quarter, and so on down
+    /// to 256 KiB, that is at most `udp_buffer` as the system granted it
+    /// (capped at `net.core.rmem_max`) divided by `n` (on loopback
     /// and a LAN a whole window can sit in the buffer; on long paths most of
     /// it is in the network, so there raise `udp_buffer` and the system's
     /// maximum to keep the shares large enough). A server also

@@ -193,6 +193,18 @@ impl TransportFactory for QuicTransportFactory {
             tuning.conn_window,
             server_config,
         );
+        if windows.for_one() < tuning.conn_window {
+            tracing::warn!(
+                "quic {bound}: the UDP receive buffer is {} bytes (asked for {}; the \
+                 system caps it at net.core.rmem_max), so even a single connection's \
+                 window is {} bytes instead of conn_window={}; raise rmem_max for \
+                 full speed",
+                recv_buffer.unwrap_or_default(),
+                tuning.udp_buffer,
+                windows.for_one(),
+                tuning.conn_window
+            );
+        }
         let endpoint = quinn_proto::Endpoint::new(
             Arc::new(tuning.endpoint(endpoint_peers)),
             Some(Arc::new(server_config(Peer::Remote, tuning.conn_window))),
