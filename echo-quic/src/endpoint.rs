@@ -437,6 +437,13 @@ impl Windows {
         }
     }
 
+    /// The config with the largest window for peers not on loopback: the
+    /// endpoint's own (quinn-proto answers no connection without one, though
+    /// the driver accepts each with a config of its choice).
+    pub(crate) fn default_config(&self) -> Arc<ServerConfig> {
+        self.steps[0].2.clone()
+    }
+
     /// The window a single connection gets.
     pub(crate) fn for_one(&self) -> u64 {
         self.steps[self.step(1)].0
@@ -1075,16 +1082,20 @@ pub(crate) mod testing {
         pub(crate) stopped: oneshot::Receiver<()>,
     }
 
-    /// Starts a tapped driver whose endpoint's default config and windows
-    /// `configs` makes from the TLS config of a fresh certificate.
+    /// Starts a tapped driver with the windows `windows` makes from the TLS
+    /// config of a fresh certificate.
     pub(crate) async fn tapped_driver(
-        configs: impl FnOnce(Arc<QuicServerConfig>) -> (Arc<ServerConfig>, Windows),
+        windows: impl FnOnce(Arc<QuicServerConfig>) -> Windows,
     ) -> Tapped {
         let cert = crate::tls::self_signed(vec!["localhost".into()]).unwrap();
         let tls = crate::tls::server_config(vec![cert.cert.clone()], cert.key).unwrap();
-        let (default, windows) = configs(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
-        // (quinn-proto answers no connection without a default config.)
-        let endpoint = Endpoint::new(Default::default(), Some(default), false, None);
+        let windows = windows(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+        let endpoint = Endpoint::new(
+            Default::default(),
+            Some(windows.default_config()),
+            false,
+            None,
+        );
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap();
         let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
@@ -1182,8 +1193,7 @@ mod tests {
                 c.transport_config(Arc::new(t));
                 c
             };
-            let default = Arc::new(config(Peer::Remote, MIB));
-            (default, Windows::new(MIB, MIB, config))
+            Windows::new(MIB, MIB, config)
         })
         .await;
         let mut clients = Vec::new();

@@ -401,8 +401,7 @@ mod tests {
     /// it (one byte already read through it).
     async fn stream_pair() -> (SendStream, StreamReader, Keep) {
         let mut t = tapped_driver(|crypto| {
-            let config = Arc::new(quinn_proto::ServerConfig::with_crypto(crypto));
-            (config.clone(), Windows::fixed(config))
+            Windows::fixed(Arc::new(quinn_proto::ServerConfig::with_crypto(crypto)))
         })
         .await;
         let (client, conn) = connect(&t).await;

@@ -207,7 +207,7 @@ impl TransportFactory for QuicTransportFactory {
         }
         let endpoint = quinn_proto::Endpoint::new(
             Arc::new(tuning.endpoint(endpoint_peers)),
-            Some(Arc::new(server_config(Peer::Remote, tuning.conn_window))),
+            Some(windows.default_config()),
             // Path-MTU discovery only where oversized datagrams are dropped,
             // not fragmented.
             !may_fragment,
