@@ -18,7 +18,7 @@
 //!
 //! The `floor` target is not a transport: a bare encrypted UDP pipe, the least
 //! any QUIC stack on UDP sockets must do per byte (copy each piece of the
-//! payload into a datagram, seal it with AES-128-GCM, send it; receive, open,
+//! payload into a datagram, seal it with AES-128-GCM as `quic://` does, send it; receive, open,
 //! copy into a ring) with none of QUIC's protocol work (no acknowledgement
 //! frames, loss recovery, congestion control, stream framing or async
 //! runtime; the receiver returns one small credit datagram per 8 packets so the
@@ -38,7 +38,7 @@
 //! (`echo_core::heap`; the floor's receiver allocates nothing per datagram
 //! and keeps glibc's defaults). A rate is
 //! acknowledged samples / elapsed time. QUIC is always encrypted (TLS 1.3,
-//! AES-128-GCM or ChaCha20 as negotiated by rustls/ring); TCP wire v1 is not.
+//! AES-128-GCM as negotiated, `echo_quic::crypto_provider`); TCP wire v1 is not.
 //!
 //! Sample layout for a payload of P bytes: `{"obs": float32[P/4 - 1], "reward":
 //! float32[]}`.
@@ -425,7 +425,8 @@ mod floor {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::{Duration, Instant};
 
-    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    use rustls::quic::{Keys, PacketKey, Version};
+    use rustls::Side;
 
     use super::{usage, Cell, Proc};
 
@@ -450,14 +451,19 @@ mod floor {
         (packets, (packets / 2).clamp(1, CREDIT_EVERY))
     }
 
-    fn key() -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[0x5a; 16]).expect("AES-128 key"))
-    }
-
-    fn nonce(pn: u64) -> Nonce {
-        let mut n = [0u8; 12];
-        n[4..].copy_from_slice(&pn.to_be_bytes());
-        Nonce::assume_unique_for_key(n)
+    /// The packet key `quic://` seals (`Side::Client`) or opens
+    /// (`Side::Server`) with: its provider's first suite (AES-128-GCM, with
+    /// the same code for large packets), here QUIC's initial keys for a
+    /// fixed connection ID.
+    fn key(side: Side) -> Box<dyn PacketKey> {
+        let provider = echo_quic::crypto_provider();
+        let suite = provider.cipher_suites[0].tls13().expect("a TLS 1.3 suite");
+        let quic = suite.quic.expect("a suite for QUIC");
+        let keys = Keys::initial(Version::V1, suite, quic, &[0x5a; 8], side);
+        match side {
+            Side::Client => keys.local.packet,
+            Side::Server => keys.remote.packet,
+        }
     }
 
     /// A UDP socket with (asked for) 4 MiB buffers, and the receive buffer
@@ -526,7 +532,7 @@ mod floor {
                 let (stop, bytes, n) = (&stop, &bytes, n);
                 scope.spawn(move || {
                     s.set_read_timeout(Some(Duration::from_millis(50))).ok();
-                    let key = key();
+                    let key = key(Side::Server);
                     // The batch ring's stand-in: 64 MiB in all, written in
                     // turn, so the copies land in memory as cold as a store's.
                     let mut ring = vec![0u8; ((64 << 20) / n).max(payload)];
@@ -546,7 +552,7 @@ mod floor {
                         let (head, body) = buf[..len].split_at_mut(HEADER);
                         let pn = u64::from_be_bytes(head[..].try_into().expect("8 bytes"));
                         let plain = key
-                            .open_in_place(nonce(pn), Aad::from(&head[..]), body)
+                            .decrypt_in_place(pn, head, body)
                             .expect("a floor datagram that does not open");
                         let k = plain.len();
                         if at + k > ring.len() {
@@ -578,7 +584,7 @@ mod floor {
         let s = socket().0;
         s.connect(to).expect("connect UDP");
         s.set_read_timeout(Some(Duration::from_secs(1))).ok();
-        let key = key();
+        let key = key(Side::Client);
         let data = vec![7u8; payload];
         let piece = packet - HEADER - TAG;
         let mut buf = vec![0u8; packet];
@@ -607,11 +613,7 @@ mod floor {
                 let (head, rest) = buf.split_at_mut(HEADER);
                 rest[..part.len()].copy_from_slice(part);
                 let tag = key
-                    .seal_in_place_separate_tag(
-                        nonce(pn),
-                        Aad::from(&head[..]),
-                        &mut rest[..part.len()],
-                    )
+                    .encrypt_in_place(pn, head, &mut rest[..part.len()])
                     .expect("seal");
                 rest[part.len()..part.len() + TAG].copy_from_slice(tag.as_ref());
                 s.send(&buf[..HEADER + part.len() + TAG]).expect("send UDP");
@@ -712,13 +714,6 @@ mod proto {
     /// Datagrams taken off the socket before the connections get to send
     /// (their acknowledgements, among others).
     const RECV_BATCH: usize = 64;
-
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::CryptoProvider {
-            cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256],
-            ..rustls::crypto::ring::default_provider()
-        })
-    }
 
     fn transport() -> Arc<TransportConfig> {
         let mut t = TransportConfig::default();
@@ -853,7 +848,7 @@ mod proto {
         echo_core::heap::server_heap();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
         let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        let mut tls = rustls::ServerConfig::builder_with_provider(echo_quic::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
             .with_no_client_auth()
@@ -968,7 +963,7 @@ mod proto {
         roots
             .add(CertificateDer::from(cert.to_vec()))
             .expect("the server's certificate");
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        let mut tls = rustls::ClientConfig::builder_with_provider(echo_quic::crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .expect("TLS 1.3")
             .with_root_certificates(roots)

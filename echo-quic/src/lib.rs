@@ -41,6 +41,7 @@ mod client;
 mod config;
 mod endpoint;
 mod recv;
+mod seal;
 mod send;
 mod server;
 mod tls;
@@ -58,7 +59,7 @@ pub use quinn;
 pub use server::{
     QuicTransport, QuicTransportFactory, CODE_REFUSED, CODE_SHUTDOWN, DEFAULT_MAX_STREAMS,
 };
-pub use tls::{load_certs, load_key, ALPN};
+pub use tls::{crypto_provider, load_certs, load_key, ALPN};
 
 /// Registers `quic` in `registry`.
 pub fn register(registry: &mut Registry) -> Result<()> {

@@ -18,21 +18,18 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 /// The ALPN protocol both sides require: wire v1 on QUIC streams.
 pub const ALPN: &[u8] = b"echo/1";
 
-/// The crypto provider every config is built with (*ring*), passed explicitly so
-/// nothing depends on a process-level default being installed.
+/// The crypto provider every `quic://` config is built with: *ring*'s,
+/// passed explicitly so nothing depends on a process-level default being
+/// installed, with TLS 1.3 suites only, AES-128-GCM first (both sides list it
+/// first, so it is what they agree on), and AES-GCM packet protection that
+/// uses graviola's AVX-512 code for large packets where the CPU has it (see
+/// the `seal` module).
 ///
-/// TLS 1.3 suites only, AES-128-GCM first: it is what QUIC's initial packets use
-/// anyway, gives 128-bit security, and takes 10 AES rounds per block instead of
-/// AES-256's 14, which shows at gigabytes per second. Both sides list it first,
-/// so it is what they agree on.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite as cs;
+/// Public so that other QUIC code can seal the same way (bench_quic's
+/// `floor` and `proto` targets do).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            cs::TLS13_AES_128_GCM_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-        ],
+        cipher_suites: crate::seal::quic_suites(),
         ..rustls::crypto::ring::default_provider()
     })
 }
@@ -145,7 +142,7 @@ pub(crate) fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_no_client_auth()
@@ -174,7 +171,7 @@ pub(crate) fn client_config(
             ))
         })?;
     }
-    let provider = provider();
+    let provider = crypto_provider();
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
         .build()
         .map_err(tls_err)?;
