@@ -10,7 +10,8 @@
 //! records, key derivation, header protection, packets under [`FAST_MIN`]
 //! bytes) and hand larger packets to graviola. Both compute the same AES-GCM
 //! (a test checks that they agree byte for byte): which one runs is a matter
-//! of speed only, and a peer cannot tell.
+//! of speed only, and a peer cannot tell. Packets that large travel on
+//! loopback and jumbo-frame paths; on a 1500-byte MTU all of them are *ring*'s.
 
 use rustls::SupportedCipherSuite;
 
@@ -34,18 +35,12 @@ pub(crate) fn quic_suites() -> Vec<SupportedCipherSuite> {
     vec![aes[0], aes[1], cs::TLS13_CHACHA20_POLY1305_SHA256]
 }
 
-/// Whether graviola runs on this CPU at all: the features it requires of
-/// every x86-64 CPU (it stops with a panic without them, so it is never
-/// called then).
+/// Whether graviola runs on this CPU at all (it stops with a panic on one
+/// without the features it requires of every x86-64 CPU, so it is never
+/// called then): graviola's own check.
 #[cfg(target_arch = "x86_64")]
 fn graviola_runs() -> bool {
-    std::is_x86_feature_detected!("aes")
-        && std::is_x86_feature_detected!("pclmulqdq")
-        && std::is_x86_feature_detected!("bmi1")
-        && std::is_x86_feature_detected!("bmi2")
-        && std::is_x86_feature_detected!("adx")
-        && std::is_x86_feature_detected!("avx")
-        && std::is_x86_feature_detected!("avx2")
+    graviola::util::is_cpu_supported()
 }
 
 /// Whether the AES-GCM suites use graviola for large packets on this CPU:
@@ -68,6 +63,7 @@ pub(crate) fn fast_available() -> bool {
 /// Whether the AES-GCM suites use graviola: never off x86-64 (it is not
 /// built there).
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(dead_code)]
 pub(crate) fn fast_available() -> bool {
     false
 }
@@ -138,14 +134,12 @@ mod fast {
     impl quic::Algorithm for AesGcm {
         fn packet_key(&self, key: AeadKey, iv: Iv) -> Box<dyn quic::PacketKey> {
             let bytes = key.as_ref();
-            // rustls hands over keys of `aead_key_len()`; anything else goes
-            // to *ring*'s own key, which knows what to make of it.
+            // rustls hands over keys of `aead_key_len()`: 16 or 32 bytes,
+            // which *ring* and graviola both take. Were one refused, this
+            // falls back to the key rustls would make without this module.
             let Ok(small) = aead::UnboundKey::new(self.ring_alg, bytes) else {
                 return self.ring_quic.packet_key(key, iv);
             };
-            if bytes.len() != 16 && bytes.len() != 32 {
-                return self.ring_quic.packet_key(key, iv);
-            }
             Box::new(PacketKey {
                 small: aead::LessSafeKey::new(small),
                 large: graviola::aead::AesGcm::new(bytes),
@@ -323,6 +317,14 @@ mod tests {
             let aes = r.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256;
             assert_eq!(same, !(aes && fast_available()), "{:?}", r.suite());
         }
+        // What the packet test below compares *ring* with: graviola's
+        // 512-bit code where the CPU has it (what the suites use), else its
+        // 256-bit code (the wrapper's logic; the suites then use *ring*).
+        eprintln!(
+            "seal: graviola runs here: {}; the suites use its 512-bit AES-GCM: {}",
+            super::graviola_runs(),
+            fast_available()
+        );
         // Built once: the same statics every time.
         assert!(std::ptr::eq(parts(quic_suites()[0]).0, parts(ours[0]).0));
     }
@@ -364,14 +366,27 @@ mod tests {
             prop_assert!(!std::ptr::eq(parts(ours).0, parts(ring).0), "wrapped");
 
             let plain: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            let (ring_seal, our_seal) = (keys(ring, &cid, Side::Client).local.packet, keys(ours, &cid, Side::Client).local.packet);
+            prop_assert_eq!(our_seal.tag_len(), ring_seal.tag_len());
+            prop_assert_eq!(our_seal.confidentiality_limit(), ring_seal.confidentiality_limit());
+            prop_assert_eq!(our_seal.integrity_limit(), ring_seal.integrity_limit());
             let mut by_ring = plain.clone();
-            let ring_tag = keys(ring, &cid, Side::Client).local.packet
-                .encrypt_in_place(pn, &header, &mut by_ring).expect("ring seals");
+            let ring_tag = ring_seal.encrypt_in_place(pn, &header, &mut by_ring).expect("ring seals");
             let mut by_ours = plain.clone();
-            let our_tag = keys(ours, &cid, Side::Client).local.packet
-                .encrypt_in_place(pn, &header, &mut by_ours).expect("we seal");
+            let our_tag = our_seal.encrypt_in_place(pn, &header, &mut by_ours).expect("we seal");
             prop_assert_eq!(&by_ours, &by_ring);
             prop_assert_eq!(our_tag.as_ref(), ring_tag.as_ref());
+            // Multipath nonces (not used by quinn 0.11, but part of the key).
+            let path = (pn % 7) as u32;
+            let (mut ring_path, mut our_path) = (plain.clone(), plain.clone());
+            let ring_path_tag = ring_seal.encrypt_in_place_for_path(path, pn, &header, &mut ring_path).expect("ring seals");
+            let our_path_tag = our_seal.encrypt_in_place_for_path(path, pn, &header, &mut our_path).expect("we seal");
+            prop_assert_eq!(&our_path, &ring_path);
+            prop_assert_eq!(our_path_tag.as_ref(), ring_path_tag.as_ref());
+            ring_path.extend_from_slice(ring_path_tag.as_ref());
+            let opened = keys(ours, &cid, Side::Server).remote.packet
+                .decrypt_in_place_for_path(path, pn, &header, &mut ring_path).map(|p| p.to_vec());
+            prop_assert_eq!(opened.as_deref(), Ok(&plain[..]));
 
             let open = keys(ours, &cid, Side::Server).remote.packet;
             let mut packet = by_ring.clone();
