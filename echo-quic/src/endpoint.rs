@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,9 +42,9 @@ use echo_core::stream::{serve_stream_direct, StreamEnd};
 use echo_core::Ingress;
 use quinn_proto::{
     ConnectionError, ConnectionHandle, DatagramEvent, Dir, Endpoint, Event, Incoming, ReadError,
-    ReadableError, ServerConfig, StreamEvent, StreamId, VarInt, WriteError,
+    ReadableError, ServerConfig, StreamEvent, StreamId, Transmit, VarInt, WriteError,
 };
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::net::UdpSocket;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinSet;
@@ -80,21 +80,53 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// wake-up.
 pub(crate) struct Shared {
     socket: UdpSocket,
+    /// quinn-udp's view of the socket: it sends each datagram from the
+    /// address its connection's peer sent to (packet info), which a socket
+    /// bound to a wildcard address must say, or the system picks one, and a
+    /// peer that reached the host at another of its addresses drops the
+    /// answer.
+    state: quinn::udp::UdpSocketState,
     wake: Notify,
     /// Connections the stream tasks worked on since the driver last looked:
     /// it drives them next (sends what they queued, and sees their timers).
     touched: Mutex<Vec<ConnectionHandle>>,
 }
 
+/// Where a datagram goes, and from which of the host's addresses.
+#[derive(Debug, Clone, Copy)]
+struct Dest {
+    to: SocketAddr,
+    from: Option<IpAddr>,
+}
+
+impl Dest {
+    fn of(t: &Transmit) -> Dest {
+        Dest {
+            to: t.destination,
+            from: t.src_ip,
+        }
+    }
+}
+
 impl Shared {
     /// Sends one datagram; `false` if the socket has no room for it now.
     /// Other errors lose the datagram, as a lossy path would.
-    fn send(&self, data: &[u8], to: SocketAddr) -> bool {
-        match self.socket.try_send_to(data, to) {
-            Ok(_) => true,
+    fn send(&self, data: &[u8], dest: Dest) -> bool {
+        let transmit = quinn::udp::Transmit {
+            destination: dest.to,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip: dest.from,
+        };
+        let sent = self.socket.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&self.socket).into(), &transmit)
+        });
+        match sent {
+            Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                tracing::trace!("quic: a datagram to {to} was not sent: {e}");
+                tracing::trace!("quic: a datagram to {} was not sent: {e}", dest.to);
                 true
             }
         }
@@ -141,7 +173,7 @@ pub(crate) struct ConnState {
     /// Why the connection ended, once it has.
     lost: Option<ConnectionError>,
     /// A datagram the socket had no room for; it goes before any other.
-    stash: Option<(Vec<u8>, SocketAddr)>,
+    stash: Option<(Vec<u8>, Dest)>,
     /// A pull took bytes that earn the peer flow-control credit the driver
     /// has yet to send (see [`StreamReader`]'s reads).
     pub(crate) credit_due: bool,
@@ -241,8 +273,8 @@ impl ConnState {
     /// in `tx`; `true` if the socket filled up first (the rest waits in
     /// `stash` and in quinn-proto).
     fn flush(&mut self, shared: &Shared, now: Instant, tx: &mut Vec<u8>) -> bool {
-        if let Some((data, to)) = &self.stash {
-            if !shared.send(data, *to) {
+        if let Some((data, dest)) = &self.stash {
+            if !shared.send(data, *dest) {
                 return true;
             }
             self.stash = None;
@@ -253,8 +285,8 @@ impl ConnState {
                 return false;
             };
             let data = &tx[..t.size];
-            if !shared.send(data, t.destination) {
-                self.stash = Some((data.to_vec(), t.destination));
+            if !shared.send(data, Dest::of(&t)) {
+                self.stash = Some((data.to_vec(), Dest::of(&t)));
                 return true;
             }
         }
@@ -546,6 +578,9 @@ impl Driver {
         tap: Option<Tap>,
     ) -> io::Result<oneshot::Receiver<()>> {
         socket.set_nonblocking(true)?;
+        // Turns on packet info and the rest quinn-udp wants (again, for a
+        // socket from `Tuning::server_socket`: the same options).
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         let (ready, started) = oneshot::channel::<io::Result<()>>();
         let (done, stopped) = oneshot::channel();
         std::thread::Builder::new()
@@ -571,6 +606,7 @@ impl Driver {
                 let driver = Driver {
                     shared: Arc::new(Shared {
                         socket,
+                        state,
                         wake: Notify::new(),
                         touched: Mutex::new(Vec::new()),
                     }),
@@ -676,17 +712,17 @@ impl Driver {
                 } else {
                     std::mem::take(&mut data)
                 };
-                self.datagram(now, got.from, datagram);
+                self.datagram(now, got.from, got.local, datagram);
             }
         }
     }
 
     /// One datagram to the endpoint, and on to its connection.
-    fn datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
+    fn datagram(&mut self, now: Instant, from: SocketAddr, local: Option<IpAddr>, data: BytesMut) {
         self.out.clear();
         match self
             .endpoint
-            .handle(now, from, None, None, data, &mut self.out)
+            .handle(now, from, local, None, data, &mut self.out)
         {
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now),
             Some(DatagramEvent::ConnectionEvent(h, ev)) => {
@@ -696,7 +732,7 @@ impl Driver {
                 }
             }
             Some(DatagramEvent::Response(t)) => {
-                self.shared.send(&self.out[..t.size], t.destination);
+                self.shared.send(&self.out[..t.size], Dest::of(&t));
             }
             None => {}
         }
@@ -715,7 +751,7 @@ impl Driver {
             }
             self.out.clear();
             let t = self.endpoint.refuse(incoming, &mut self.out);
-            self.shared.send(&self.out[..t.size], t.destination);
+            self.shared.send(&self.out[..t.size], Dest::of(&t));
             return;
         }
         // Its share of the receive buffer once it is established.
@@ -760,7 +796,7 @@ impl Driver {
                 self.counters.connections_refused.fetch_add(1, Relaxed);
                 tracing::info!("quic {remote}: handshake failed: {}", e.cause);
                 if let Some(t) = e.response {
-                    self.shared.send(&self.out[..t.size], t.destination);
+                    self.shared.send(&self.out[..t.size], Dest::of(&t));
                 }
             }
         }

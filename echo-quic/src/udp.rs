@@ -1,10 +1,12 @@
 //! Receiving UDP datagrams straight into a buffer of their own, without
 //! zeroing it first, and with receive offload where the system has it: on
 //! Linux one call can return several datagrams of one sender glued together
-//! (UDP GRO), each but the last `stride` bytes long.
+//! (UDP GRO), each but the last `stride` bytes long. Each receive also says
+//! which of the host's addresses the datagrams were sent to (packet info),
+//! so that a server bound to a wildcard address answers from that address.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::BytesMut;
 use tokio::net::UdpSocket;
@@ -13,11 +15,14 @@ use tokio::net::UdpSocket;
 /// receive offload returns at once: it stays within one IP packet's 64 KiB).
 pub(crate) const MAX_RECEIVE: usize = 65_536;
 
-/// What one receive brought: `len` bytes from `from`, in datagrams of
-/// `stride` bytes (the last one may be shorter).
+/// What one receive brought: `len` bytes from `from` to `local`, in
+/// datagrams of `stride` bytes (the last one may be shorter).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received {
     pub(crate) from: SocketAddr,
+    /// The address the datagrams were sent to, if the system says (packet
+    /// info, which quinn-udp turns on for the sockets it sets up).
+    pub(crate) local: Option<IpAddr>,
     pub(crate) len: usize,
     pub(crate) stride: usize,
 }
@@ -34,7 +39,7 @@ pub(crate) fn try_recv(socket: &UdpSocket, buf: &mut BytesMut) -> io::Result<Rec
 mod sys {
     use std::io;
     use std::mem::{size_of, zeroed};
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
     use std::os::fd::AsRawFd;
 
     use bytes::BytesMut;
@@ -79,23 +84,43 @@ mod sys {
         // SAFETY: the kernel initialized the first `len` bytes of the spare room.
         unsafe { buf.set_len(len) };
         let mut stride = len;
+        let mut local = None;
         // SAFETY: `msg` as filled in by recvmsg; the CMSG_* helpers stay
-        // within `msg_controllen` bytes of `control`.
+        // within `msg_controllen` bytes of `control`, and each message's data
+        // is read (unaligned) as the type its level and type say it holds.
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
-                    let segment =
-                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                    if segment > 0 {
-                        stride = (segment as usize).min(len).max(1);
+                let data = libc::CMSG_DATA(cmsg);
+                match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                    (libc::SOL_UDP, libc::UDP_GRO) => {
+                        let segment = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                        if segment > 0 {
+                            stride = (segment as usize).min(len).max(1);
+                        }
                     }
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                        let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                        local = Some(IpAddr::V4(Ipv4Addr::from(
+                            info.ipi_addr.s_addr.to_ne_bytes(),
+                        )));
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                        let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                        local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                    }
+                    _ => {}
                 }
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
         }
         let from = socket_addr(&addr)?;
-        Ok(Received { from, len, stride })
+        Ok(Received {
+            from,
+            local,
+            len,
+            stride,
+        })
     }
 
     fn socket_addr(addr: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
@@ -145,6 +170,7 @@ mod sys {
         let (len, from) = socket.try_recv_buf_from(buf)?;
         Ok(Received {
             from,
+            local: None,
             len,
             stride: len.max(1),
         })
@@ -158,7 +184,8 @@ mod tests {
 
     /// Datagrams sent in one offloaded batch (GSO) come out of `try_recv`
     /// either glued together with their segment size (receive offload) or one
-    /// by one; split by `stride`, they are the datagrams that were sent.
+    /// by one; split by `stride`, they are the datagrams that were sent. Each
+    /// receive says which address they were sent to.
     #[tokio::test]
     async fn receive_offload_splits_into_the_datagrams_sent() {
         let tuning = crate::Tuning::default();
@@ -203,6 +230,8 @@ mod tests {
                 Ok(r) => {
                     assert_eq!(r.len, buf.len());
                     assert_eq!(r.from, tx.local_addr().unwrap());
+                    #[cfg(any(target_os = "linux", target_os = "android"))]
+                    assert_eq!(r.local, Some(to.ip()), "packet info: sent to");
                     for d in buf.chunks(r.stride) {
                         got.push(d.to_vec());
                     }

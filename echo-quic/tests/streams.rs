@@ -702,3 +702,35 @@ async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
         .await
         .expect("test took over 90 s");
 }
+
+/// A server bound to a wildcard address, reached at another of the host's
+/// addresses than the one the system would send from (127.0.0.2; Linux routes
+/// all of 127/8 to loopback, and answers to 127.0.0.1 from 127.0.0.1): it
+/// answers from the address it was reached at, or the client drops every
+/// answer and never connects.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_wildcard_server_answers_from_the_address_it_was_reached_at() {
+    bounded(async {
+        let server = Server::builder(spec())
+            .batch_size(4)
+            .registry(registry())
+            .build()
+            .unwrap();
+        let url = server.listen("quic://0.0.0.0:0").await.unwrap();
+        let url = url.replacen("quic://0.0.0.0:", "quic://127.0.0.2:", 1);
+        assert!(url.starts_with("quic://127.0.0.2:"), "{url}");
+        let mut client = registry()
+            .connect(&url, &spec(), &options(8))
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+        for byte in 1..=4u8 {
+            client.send(&[byte; SIZE]).await.unwrap();
+        }
+        client.wait().await.unwrap();
+        assert_eq!(collect(&server, 4).await, vec![1, 2, 3, 4]);
+        client.close().await.unwrap();
+        server.shutdown().await.unwrap();
+    })
+    .await;
+}
