@@ -92,11 +92,13 @@ pub(crate) struct Shared {
     touched: Mutex<Vec<ConnectionHandle>>,
 }
 
-/// Where a datagram goes, and from which of the host's addresses.
+/// Where a datagram goes, from which of the host's addresses, and with
+/// which ECN mark.
 #[derive(Debug, Clone, Copy)]
 struct Dest {
     to: SocketAddr,
     from: Option<IpAddr>,
+    ecn: Option<quinn::udp::EcnCodepoint>,
 }
 
 impl Dest {
@@ -104,6 +106,9 @@ impl Dest {
         Dest {
             to: t.destination,
             from: t.src_ip,
+            ecn: t
+                .ecn
+                .and_then(|e| quinn::udp::EcnCodepoint::from_bits(e as u8)),
         }
     }
 }
@@ -114,7 +119,7 @@ impl Shared {
     fn send(&self, data: &[u8], dest: Dest) -> bool {
         let transmit = quinn::udp::Transmit {
             destination: dest.to,
-            ecn: None,
+            ecn: dest.ecn,
             contents: data,
             segment_size: None,
             src_ip: dest.from,
@@ -712,17 +717,17 @@ impl Driver {
                 } else {
                     std::mem::take(&mut data)
                 };
-                self.datagram(now, got.from, got.local, datagram);
+                self.datagram(now, got, datagram);
             }
         }
     }
 
     /// One datagram to the endpoint, and on to its connection.
-    fn datagram(&mut self, now: Instant, from: SocketAddr, local: Option<IpAddr>, data: BytesMut) {
+    fn datagram(&mut self, now: Instant, got: udp::Received, data: BytesMut) {
         self.out.clear();
         match self
             .endpoint
-            .handle(now, from, local, None, data, &mut self.out)
+            .handle(now, got.from, got.local, got.ecn, data, &mut self.out)
         {
             Some(DatagramEvent::NewConnection(incoming)) => self.incoming(incoming, now),
             Some(DatagramEvent::ConnectionEvent(h, ev)) => {

@@ -3,7 +3,9 @@
 //! Linux one call can return several datagrams of one sender glued together
 //! (UDP GRO), each but the last `stride` bytes long. Each receive also says
 //! which of the host's addresses the datagrams were sent to (packet info),
-//! so that a server bound to a wildcard address answers from that address.
+//! so that a server bound to a wildcard address answers from that address,
+//! and their ECN mark (which quinn-proto counts for the peer's congestion
+//! controller).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +25,8 @@ pub(crate) struct Received {
     /// The address the datagrams were sent to, if the system says (packet
     /// info, which quinn-udp turns on for the sockets it sets up).
     pub(crate) local: Option<IpAddr>,
+    /// The datagrams' ECN codepoint, if they carry one and the system says.
+    pub(crate) ecn: Option<quinn_proto::EcnCodepoint>,
     pub(crate) len: usize,
     pub(crate) stride: usize,
 }
@@ -85,6 +89,7 @@ mod sys {
         unsafe { buf.set_len(len) };
         let mut stride = len;
         let mut local = None;
+        let mut ecn = 0u8;
         // SAFETY: `msg` as filled in by recvmsg; the CMSG_* helpers stay
         // within `msg_controllen` bytes of `control`, and each message's data
         // is read (unaligned) as the type its level and type say it holds.
@@ -109,6 +114,14 @@ mod sys {
                         let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
                         local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
                     }
+                    // The IPv4 type-of-service byte, the IPv6 traffic class
+                    // (an int): ECN is their low two bits.
+                    (libc::IPPROTO_IP, libc::IP_TOS) | (libc::IPPROTO_IP, libc::IP_RECVTOS) => {
+                        ecn = std::ptr::read_unaligned(data);
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
+                        ecn = std::ptr::read_unaligned(data.cast::<libc::c_int>()) as u8;
+                    }
                     _ => {}
                 }
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
@@ -118,6 +131,7 @@ mod sys {
         Ok(Received {
             from,
             local,
+            ecn: quinn_proto::EcnCodepoint::from_bits(ecn),
             len,
             stride,
         })
@@ -171,6 +185,7 @@ mod sys {
         Ok(Received {
             from,
             local: None,
+            ecn: None,
             len,
             stride: len.max(1),
         })
@@ -242,5 +257,59 @@ mod tests {
             }
         }
         assert_eq!(got, sent);
+    }
+}
+
+#[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+mod ecn_tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A datagram's ECN mark comes out of `try_recv` as it was sent, and
+    /// an unmarked one as none.
+    #[tokio::test]
+    async fn receives_carry_the_ecn_mark_sent() {
+        let (rx, ..) = crate::Tuning::default()
+            .server_socket("127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = rx.local_addr().unwrap();
+        let rx = UdpSocket::from_std(rx).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&tx).into()).unwrap();
+        use quinn::udp::EcnCodepoint as Mark;
+        use quinn_proto::EcnCodepoint as Got;
+        let marks = [
+            (Some(Mark::Ect0), Some(Got::Ect0)),
+            (None, None),
+            (Some(Mark::Ce), Some(Got::Ce)),
+            (Some(Mark::Ect1), Some(Got::Ect1)),
+        ];
+        let mut buf = BytesMut::new();
+        for (i, (mark, want)) in marks.into_iter().enumerate() {
+            let contents = [i as u8; 40];
+            let transmit = quinn::udp::Transmit {
+                destination: to,
+                ecn: mark,
+                contents: &contents,
+                segment_size: None,
+                src_ip: None,
+            };
+            state.send((&tx).into(), &transmit).unwrap();
+            let got = loop {
+                tokio::time::timeout(Duration::from_secs(5), rx.readable())
+                    .await
+                    .expect("a datagram in time")
+                    .unwrap();
+                match try_recv(&rx, &mut buf) {
+                    Ok(r) => break r,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            assert_eq!(&buf[..], &contents[..]);
+            assert_eq!(got.ecn, want, "sent with {mark:?}");
+            buf.clear();
+        }
     }
 }
