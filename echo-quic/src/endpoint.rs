@@ -124,14 +124,17 @@ impl Shared {
             segment_size: None,
             src_ip: dest.from,
         };
+        // quinn-udp's `send` passes on only WouldBlock (which clears the
+        // socket's readiness here) and logs other errors, at most once a
+        // minute, as quinn's own endpoint does.
         let sent = self.socket.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&self.socket).into(), &transmit)
+            self.state.send((&self.socket).into(), &transmit)
         });
         match sent {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                tracing::trace!("quic: a datagram to {} was not sent: {e}", dest.to);
+                tracing::debug!("quic: a datagram to {} was not sent: {e}", dest.to);
                 true
             }
         }

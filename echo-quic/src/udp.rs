@@ -1,11 +1,11 @@
 //! Receiving UDP datagrams straight into a buffer of their own, without
 //! zeroing it first, and with receive offload where the system has it: on
 //! Linux one call can return several datagrams of one sender glued together
-//! (UDP GRO), each but the last `stride` bytes long. Each receive also says
-//! which of the host's addresses the datagrams were sent to (packet info),
-//! so that a server bound to a wildcard address answers from that address,
-//! and their ECN mark (which quinn-proto counts for the peer's congestion
-//! controller).
+//! (UDP GRO), each but the last `stride` bytes long. On Linux each receive
+//! also says which of the host's addresses the datagrams were sent to
+//! (packet info), so that a server bound to a wildcard address answers from
+//! that address, and their ECN mark (which quinn-proto counts for the peer's
+//! congestion controller); elsewhere neither.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -90,37 +90,38 @@ mod sys {
         let mut stride = len;
         let mut local = None;
         let mut ecn = 0u8;
-        // SAFETY: `msg` as filled in by recvmsg; the CMSG_* helpers stay
-        // within `msg_controllen` bytes of `control`, and each message's data
-        // is read (unaligned) as the type its level and type say it holds.
+        // SAFETY: `msg` as filled in by recvmsg; the CMSG_* helpers walk the
+        // headers within `msg_controllen` bytes of `control`, and `data`
+        // reads a message's payload only if its length covers a `T` (a
+        // message cut short by a full buffer, MSG_CTRUNC, says how much of it
+        // is there).
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
-                let data = libc::CMSG_DATA(cmsg);
                 match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
                     (libc::SOL_UDP, libc::UDP_GRO) => {
-                        let segment = std::ptr::read_unaligned(data.cast::<libc::c_int>());
-                        if segment > 0 {
+                        if let Some(segment) = data::<libc::c_int>(cmsg).filter(|&s| s > 0) {
                             stride = (segment as usize).min(len).max(1);
                         }
                     }
                     (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                        let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
-                        local = Some(IpAddr::V4(Ipv4Addr::from(
-                            info.ipi_addr.s_addr.to_ne_bytes(),
-                        )));
+                        if let Some(info) = data::<libc::in_pktinfo>(cmsg) {
+                            let ip = Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes());
+                            local = Some(IpAddr::V4(ip));
+                        }
                     }
                     (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                        let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
-                        local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                        if let Some(info) = data::<libc::in6_pktinfo>(cmsg) {
+                            local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                        }
                     }
                     // The IPv4 type-of-service byte, the IPv6 traffic class
                     // (an int): ECN is their low two bits.
                     (libc::IPPROTO_IP, libc::IP_TOS) | (libc::IPPROTO_IP, libc::IP_RECVTOS) => {
-                        ecn = std::ptr::read_unaligned(data);
+                        ecn = data::<u8>(cmsg).unwrap_or(0);
                     }
                     (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
-                        ecn = std::ptr::read_unaligned(data.cast::<libc::c_int>()) as u8;
+                        ecn = data::<libc::c_int>(cmsg).map_or(0, |c| c as u8);
                     }
                     _ => {}
                 }
@@ -135,6 +136,26 @@ mod sys {
             len,
             stride,
         })
+    }
+
+    /// The payload of control message `cmsg` as a `T`, if the message is
+    /// long enough to hold one.
+    ///
+    /// # Safety
+    ///
+    /// `cmsg` points at a control message header within a buffer the kernel
+    /// filled, and its `cmsg_len` bytes are within that buffer.
+    unsafe fn data<T: Copy>(cmsg: *const libc::cmsghdr) -> Option<T> {
+        // SAFETY: as the caller promises; CMSG_LEN is arithmetic.
+        unsafe {
+            let need = libc::CMSG_LEN(size_of::<T>() as _) as usize;
+            // `cmsg_len` is a usize with glibc, not with every libc.
+            #[allow(clippy::unnecessary_cast)]
+            if ((*cmsg).cmsg_len as usize) < need {
+                return None;
+            }
+            Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<T>()))
+        }
     }
 
     fn socket_addr(addr: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
