@@ -222,10 +222,15 @@ mod tests {
     /// either glued together with their segment size (receive offload) or one
     /// by one; split by `stride`, they are the datagrams that were sent. Each
     /// receive says which address they were sent to.
-    #[tokio::test]
-    async fn receive_offload_splits_into_the_datagrams_sent() {
-        let tuning = crate::Tuning::default();
-        let (rx, ..) = tuning
+    /// A server socket to receive on (set up as servers' are), its address,
+    /// and a socket to send to it from, with quinn-udp's state for it.
+    fn sockets() -> (
+        UdpSocket,
+        SocketAddr,
+        std::net::UdpSocket,
+        quinn::udp::UdpSocketState,
+    ) {
+        let (rx, ..) = crate::Tuning::default()
             .server_socket("127.0.0.1:0".parse().unwrap())
             .unwrap();
         rx.set_nonblocking(true).unwrap();
@@ -233,6 +238,12 @@ mod tests {
         let rx = UdpSocket::from_std(rx).unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let state = quinn::udp::UdpSocketState::new((&tx).into()).unwrap();
+        (rx, to, tx, state)
+    }
+
+    #[tokio::test]
+    async fn receive_offload_splits_into_the_datagrams_sent() {
+        let (rx, to, tx, state) = sockets();
         let segments = state.max_gso_segments().clamp(1, 8);
         // Three batches: whole segments, a short last one, a single datagram.
         let batches: Vec<Vec<Vec<u8>>> = vec![
@@ -279,25 +290,13 @@ mod tests {
         }
         assert_eq!(got, sent);
     }
-}
-
-#[cfg(all(test, any(target_os = "linux", target_os = "android")))]
-mod ecn_tests {
-    use super::*;
-    use std::time::Duration;
 
     /// A datagram's ECN mark comes out of `try_recv` as it was sent, and
     /// an unmarked one as none.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     #[tokio::test]
     async fn receives_carry_the_ecn_mark_sent() {
-        let (rx, ..) = crate::Tuning::default()
-            .server_socket("127.0.0.1:0".parse().unwrap())
-            .unwrap();
-        rx.set_nonblocking(true).unwrap();
-        let to = rx.local_addr().unwrap();
-        let rx = UdpSocket::from_std(rx).unwrap();
-        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let state = quinn::udp::UdpSocketState::new((&tx).into()).unwrap();
+        let (rx, to, tx, state) = sockets();
         use quinn::udp::EcnCodepoint as Mark;
         use quinn_proto::EcnCodepoint as Got;
         let marks = [
