@@ -29,8 +29,9 @@
 //! runtime of its own), which takes 15-19 % off the server's CPU per
 //! byte at 1 MiB against quinn's endpoint and connection tasks, and avoids
 //! its copy of every datagram (BENCHMARKS.md, "QUIC"). One listener's QUIC
-//! traffic is thus bounded by one core (about 4.5 GB/s of 1 MiB samples on
-//! the benchmark host); a server that needs more can listen on several ports.
+//! traffic is thus bounded by one core (170-200 µs of CPU per MiB on the
+//! benchmark host, so about 5-6 GB/s of 1 MiB samples: the more with
+//! AVX-512); a server that needs more can listen on several ports.
 //!
 //! Flow-control windows, congestion control and packet sizes are in [`Tuning`];
 //! the server bounds streams per connection (`max_streams`) and connections
