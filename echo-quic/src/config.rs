@@ -352,26 +352,18 @@ impl Tuning {
         e
     }
 
-    /// A UDP socket bound to `addr` with the configured buffer sizes.
+    /// [`server_socket`](Self::server_socket)'s socket alone.
     pub(crate) fn socket(&self, addr: SocketAddr) -> Result<UdpSocket> {
-        Ok(self.socket_with_state(addr)?.0)
+        Ok(self.server_socket(addr)?.0)
     }
 
-    /// A server endpoint's socket ([`socket`](Self::socket), with receive
-    /// offload on where the system has it: the server's driver splits what
-    /// it receives by the segment size the kernel reports), whether the
-    /// system may fragment datagrams sent on it (then path-MTU discovery is
-    /// off), and the receive buffer the system gave it, if it says.
+    /// A UDP socket bound to `addr` with the configured buffer sizes, and
+    /// quinn-udp's state for it, which turned on receive offload where the
+    /// system has it (the server's driver splits what it receives by the
+    /// segment size the kernel reports), packet info and ECN, and says
+    /// whether the system may fragment datagrams sent on it (then path-MTU
+    /// discovery is off) and what receive buffer it gave.
     pub(crate) fn server_socket(
-        &self,
-        addr: SocketAddr,
-    ) -> Result<(UdpSocket, bool, Option<usize>)> {
-        let (socket, state) = self.socket_with_state(addr)?;
-        let recv_buffer = state.recv_buffer_size((&socket).into()).ok();
-        Ok((socket, state.may_fragment(), recv_buffer))
-    }
-
-    fn socket_with_state(
         &self,
         addr: SocketAddr,
     ) -> Result<(UdpSocket, quinn::udp::UdpSocketState)> {

@@ -292,9 +292,9 @@ impl ConnState {
             let Some(t) = self.conn.poll_transmit(now, 1, tx) else {
                 return false;
             };
-            let data = &tx[..t.size];
-            if !shared.send(data, Dest::of(&t)) {
-                self.stash = Some((data.to_vec(), Dest::of(&t)));
+            let (data, dest) = (&tx[..t.size], Dest::of(&t));
+            if !shared.send(data, dest) {
+                self.stash = Some((data.to_vec(), dest));
                 return true;
             }
         }
@@ -555,8 +555,9 @@ pub(crate) type Tap = tokio::sync::mpsc::UnboundedSender<(StreamReader, StreamWr
 pub(crate) type Tap = std::convert::Infallible;
 
 impl Driver {
-    /// Starts a driver for `endpoint` on `socket` (receive offload on or
-    /// off: receives are split by the segment size the kernel reports),
+    /// Starts a driver for `endpoint` on `socket`, which quinn-udp's `state`
+    /// was made for (receive offload on or off: receives are split by the
+    /// segment size the kernel reports),
     /// accepting connections with `windows`' configs, on a thread of its own with
     /// a single-threaded Tokio runtime that also runs its stream tasks. The
     /// returned receiver completes once it has stopped (see [`run`](Self::run)).
@@ -578,6 +579,7 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start(
         socket: std::net::UdpSocket,
+        state: quinn::udp::UdpSocketState,
         endpoint: Endpoint,
         windows: Windows,
         ingress: Ingress,
@@ -586,9 +588,6 @@ impl Driver {
         tap: Option<Tap>,
     ) -> io::Result<oneshot::Receiver<()>> {
         socket.set_nonblocking(true)?;
-        // Turns on packet info and the rest quinn-udp wants (again, for a
-        // socket from `Tuning::server_socket`: the same options).
-        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
         let (ready, started) = oneshot::channel::<io::Result<()>>();
         let (done, stopped) = oneshot::channel();
         std::thread::Builder::new()
@@ -1141,6 +1140,7 @@ pub(crate) mod testing {
             None,
         );
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
         let addr = socket.local_addr().unwrap();
         let server = echo_core::Server::builder(echo_core::testkit::kit_spec(64))
             .build()
@@ -1149,6 +1149,7 @@ pub(crate) mod testing {
         let (tap, tapped) = tokio::sync::mpsc::unbounded_channel();
         let stopped = Driver::start(
             socket,
+            state,
             endpoint,
             windows,
             server.ingress(),

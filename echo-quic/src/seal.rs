@@ -22,6 +22,10 @@ use rustls::SupportedCipherSuite;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const FAST_MIN: usize = 4096;
 
+/// AES-GCM's tag length.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const TAG_LEN: usize = 16;
+
 /// The TLS 1.3 suites `quic://` offers, in order of preference: AES-128-GCM
 /// (what QUIC's initial packets use anyway, 128-bit security, 10 AES rounds
 /// per block instead of AES-256's 14), AES-256-GCM, ChaCha20-Poly1305. The
@@ -267,10 +271,6 @@ mod fast {
         }
     }
 }
-
-/// AES-GCM's tag length.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-const TAG_LEN: usize = 16;
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {

@@ -131,7 +131,9 @@ impl TransportFactory for QuicTransportFactory {
                     .collect()
             });
 
-        let (socket, may_fragment, recv_buffer) = tuning.server_socket(addr)?;
+        let (socket, udp_state) = tuning.server_socket(addr)?;
+        let may_fragment = udp_state.may_fragment();
+        let recv_buffer = udp_state.recv_buffer_size((&socket).into()).ok();
         let bound = socket.local_addr()?;
         let mut remove_cert = false;
         // A generated certificate is written once the endpoint is up, so a bind
@@ -225,6 +227,7 @@ impl TransportFactory for QuicTransportFactory {
         let stopper = Stopper::default();
         let stopped = Driver::start(
             socket,
+            udp_state,
             endpoint,
             windows,
             ingress,
