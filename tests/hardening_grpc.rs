@@ -1,8 +1,10 @@
 //! Hostile peers against a `grpc://` server while well-behaved clients keep
 //! sending: messages over the per-message limits, bytes that are not HTTP/2, and a
-//! flood of TCP connections that never send anything. Each hostile peer is refused
-//! or held on its own; every well-behaved sample arrives exactly once, byte-exact,
-//! and nothing from a refused message reaches a batch.
+//! flood of TCP connections that never send anything; and on `grpcs://`, TLS
+//! handshakes that never finish holding every connection slot. Each hostile peer
+//! is refused or held on its own (TLS handshakes for `handshake_timeout` at most);
+//! every well-behaved sample arrives exactly once, byte-exact, and nothing from a
+//! refused message reaches a batch.
 #![cfg(feature = "grpc")]
 
 mod hardening;
@@ -13,7 +15,7 @@ use bytes::Bytes;
 use echo::grpc::proto::PushRequest;
 use echo::{Server, Spec, Url};
 use echo_core::testkit::{kit_sample, kit_spec};
-use hardening::{assert_exactly, rss_kib, spawn_consumer, spawn_good, within};
+use hardening::{assert_exactly, join_good, rss_kib, spawn_consumer, spawn_good, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -138,4 +140,113 @@ async fn shutdown_is_not_held_by_a_connection_that_never_sends_the_preface() {
     within(20, "shutdown with one silent connection", server.shutdown())
         .await
         .unwrap();
+}
+
+/// A self-signed certificate for `127.0.0.1` and its key, as PEM files in `dir`.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+/// A peer that starts a TLS handshake its own way and never finishes it: it
+/// writes `first`, then one more byte every 100 ms if `trickle`, until the
+/// server closes the connection. Returns how many bytes it wrote.
+async fn slow_tls_peer(addr: String, first: Vec<u8>, trickle: bool) -> usize {
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&first).await.unwrap();
+    let mut written = first.len();
+    let mut buf = [0u8; 4096];
+    loop {
+        tokio::select! {
+            r = s.read(&mut buf) => match r {
+                // The server closed (or reset) the connection: what we wait for.
+                Ok(0) | Err(_) => return written,
+                // It never answers an unfinished ClientHello.
+                Ok(n) => panic!("the server answered {n} bytes to an unfinished handshake"),
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)), if trickle => {
+                if s.write_all(&[0]).await.is_err() {
+                    return written;
+                }
+                written += 1;
+            }
+        }
+    }
+}
+
+/// `grpcs://` with every TCP connection slot held by peers that start TLS and
+/// never finish: silent ones, one that sends half a ClientHello record, one
+/// that trickles a byte every 100 ms (each byte would reset an idle timer, not
+/// the handshake limit). The server cuts each after `handshake_timeout` (1 s
+/// here, against a default of 10 s), their slots come back, and clients that
+/// connect afterwards deliver every sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tls_handshakes_are_cut_at_the_handshake_timeout() {
+    within(60, "the test", async {
+        let spec = kit_spec(64);
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let server = Server::builder(spec.clone())
+            .batch_size(16)
+            .limits(echo::Limits {
+                handshake_timeout: Duration::from_secs(1),
+                max_connections: 2,
+                ..echo::Limits::default()
+            })
+            .registry(echo::registry())
+            .build()
+            .unwrap();
+        let url = server
+            .listen(&format!(
+                "grpcs://127.0.0.1:0?cert={}&key={}",
+                cert.display(),
+                key.display()
+            ))
+            .await
+            .unwrap();
+        let addr = url.strip_prefix("grpcs://").unwrap().to_string();
+        let consumer = spawn_consumer(&server);
+
+        // max_connections = 2 bounds TCP connections at 4: take all of them.
+        // A TLS 1.2/1.3 ClientHello record header claiming 512 bytes, then the
+        // handshake header and a few of its bytes.
+        let half_hello = vec![
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        let peers = [
+            (Vec::new(), false),
+            (Vec::new(), false),
+            (half_hello.clone(), false),
+            (half_hello, true),
+        ]
+        .map(|(first, trickle)| tokio::spawn(slow_tls_peer(addr.clone(), first, trickle)));
+        let started = std::time::Instant::now();
+        let mut written = Vec::new();
+        for p in peers {
+            // Cut by the server well before the default 10 s limit.
+            written.push(within(6, "cutting a slow TLS peer", p).await.unwrap());
+        }
+        eprintln!(
+            "grpcs: 4 slow TLS peers cut after {:?} (bytes written: {written:?})",
+            started.elapsed()
+        );
+        assert!(
+            written[3] > written[2],
+            "the trickling peer wrote nothing after its first bytes: {written:?}"
+        );
+
+        // Their slots are free again: clients pinning the server's certificate
+        // connect and deliver everything.
+        let good_url = format!("{url}?pin={}", cert.display());
+        join_good(spawn_good(&good_url, &spec, 0..2, 300)).await;
+        within(15, "shutdown", server.shutdown()).await.unwrap();
+        let got = within(10, "the consumer", consumer).await.unwrap();
+        assert_exactly(&got, 0, 300);
+        assert_exactly(&got, 1, 300);
+        assert_eq!(got.len(), 2, "unexpected ids: {:?}", got.keys());
+    })
+    .await
 }

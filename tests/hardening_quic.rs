@@ -1,7 +1,8 @@
 //! Hostile peers against a `quic://` server while well-behaved clients keep
 //! sending: garbage instead of the client hello, a hello that never finishes,
-//! a stream sending one byte at a time, and a flood of QUIC connections that never
-//! open a stream. Every well-behaved sample arrives exactly once, byte-exact.
+//! a stream sending one byte at a time, a flood of QUIC connections that never
+//! open a stream, and QUIC handshakes that never finish. Every well-behaved sample
+//! arrives exactly once, byte-exact.
 //! (Streams over `max_streams` and connections over `max_conns` are in
 //! echo-quic's own tests.)
 #![cfg(feature = "quic")]
@@ -155,6 +156,89 @@ async fn bad_hellos_slow_streams_and_silent_connections_harm_no_one() {
         for c in &silent {
             within(10, "a silent connection's close", c.closed()).await;
         }
+    })
+    .await
+}
+
+/// A UDP relay in front of the server at `server`: it passes on the first
+/// datagram it receives from a client (a QUIC Initial, the start of a TLS
+/// handshake) and drops everything after it, both ways, so the handshake it
+/// started never finishes. Returns the relay's address.
+async fn first_datagram_only(server: std::net::SocketAddr) -> std::net::SocketAddr {
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = relay.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut passed = false;
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            if from != server && !std::mem::replace(&mut passed, true) {
+                let _ = relay.send_to(&buf[..n], server).await;
+            }
+        }
+    });
+    addr
+}
+
+/// QUIC connections whose TLS handshake starts and never finishes (the server's
+/// answers are lost, the client sends nothing more) are closed after
+/// `handshake_timeout` (1 s here; the idle timeout that would otherwise end
+/// them is 30 s) and counted as refused, while good clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_quic_handshakes_are_cut_at_the_handshake_timeout() {
+    within(60, "the test", async {
+        let spec = kit_spec(64);
+        let server = Server::builder(spec.clone())
+            .batch_size(16)
+            .limits(Limits {
+                handshake_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            })
+            .registry(echo::registry())
+            .build()
+            .unwrap();
+        let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+        let consumer = spawn_consumer(&server);
+        let refused = || server.metrics().transports["quic"].connections_refused;
+        assert_eq!(refused(), 0);
+
+        let parsed = echo::Url::parse(&url).unwrap();
+        let target = format!("127.0.0.1:{}", parsed.port().unwrap())
+            .parse()
+            .unwrap();
+        let mut hanging = Vec::new();
+        for _ in 0..3 {
+            let mut via = parsed.clone();
+            via.set_port(Some(first_datagram_only(target).await.port()))
+                .unwrap();
+            // Its own connect gives up long after the server's limit.
+            hanging.push(tokio::spawn(async move {
+                raw_connection(via.as_str(), Duration::from_secs(30)).await
+            }));
+        }
+        let good = spawn_good(&url, &spec, 0..2, 300);
+        within(6, "the server cutting 3 unfinished handshakes", async {
+            while refused() < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(refused(), 3, "only the unfinished handshakes are refused");
+        for h in &hanging {
+            assert!(!h.is_finished(), "a client behind the relay connected");
+        }
+        hanging.iter().for_each(|h| h.abort());
+
+        let later = spawn_good(&url, &spec, 2..3, 300);
+        for g in good.into_iter().chain(later) {
+            within(30, "a good client", g).await.unwrap();
+        }
+        within(15, "shutdown", server.shutdown()).await.unwrap();
+        let got = within(10, "the consumer", consumer).await.unwrap();
+        for id in 0..3 {
+            assert_exactly(&got, id, 300);
+        }
+        assert_eq!(got.len(), 3, "unexpected ids: {:?}", got.keys());
+        assert_eq!(refused(), 3);
     })
     .await
 }
