@@ -97,6 +97,43 @@ pub fn assert_prefix(got: &Got, id: u32, min: u64, max: u64) -> u64 {
     k
 }
 
+/// Client `id`'s samples are exactly `0..n`, once each, in any order (a client
+/// spreading samples over several streams keeps no order between them).
+pub fn assert_exactly_unordered(got: &Got, id: u32, n: u32) {
+    let mut seqs = got.get(&id).cloned().unwrap_or_default();
+    seqs.sort_unstable();
+    assert!(
+        seqs.iter().copied().eq(0..n),
+        "client {id}: expected 0..{n} once each, got {} samples (first difference in order: {:?})",
+        seqs.len(),
+        seqs.iter().copied().zip(0..n).find(|(a, b)| a != b)
+    );
+}
+
+/// Client `id`'s samples are distinct, all below `max`, and at least `min` of
+/// them, in any order: what a client spreading samples over several streams
+/// delivers when it dies with `min` acknowledged and `max` at most begun (each
+/// stream loses only what it had not had acknowledged). Returns how many came.
+pub fn assert_distinct_within(got: &Got, id: u32, min: u64, max: u64) -> u64 {
+    let mut seqs = got.get(&id).cloned().unwrap_or_default();
+    seqs.sort_unstable();
+    let k = seqs.len() as u64;
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "client {id}: a sample arrived twice"
+    );
+    assert!(
+        seqs.last().is_none_or(|&s| u64::from(s) < max),
+        "client {id}: sample {:?} arrived, but only 0..{max} were begun",
+        seqs.last()
+    );
+    assert!(
+        k >= min,
+        "client {id}: {k} samples arrived, fewer than the {min} acknowledged"
+    );
+    k
+}
+
 /// A client of `url` for `spec`, through the facade's registry.
 pub async fn connect(url: &str, spec: &Spec) -> Box<dyn echo::Client> {
     echo::registry()
