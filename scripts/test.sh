@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: sets up the Python venv the interop tests use, checks
-# formatting and lints, runs the examples that finish on their own and the
-# facade's per-feature registry tests, then the whole workspace's tests with all
-# features (last, so its summary closes the output).
+# formatting and lints, runs the examples that finish on their own, the Python
+# binding's tests (echo_rs, built into the venv) and the facade's per-feature
+# registry tests, then the whole workspace's tests with all features (last, so
+# its summary closes the output).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-python.sh
@@ -18,6 +19,9 @@ cargo run --all-features --example compare_transports -- \
     --json target/compare-ci/results.json
 cargo run --all-features --example custom_transport
 bash scripts/learner-actor.sh
+
+echo "== the Python learner binding (echo_rs)" >&2
+bash scripts/test-python-binding.sh
 
 echo "== facade registry per feature combination" >&2
 bash scripts/test-features.sh
