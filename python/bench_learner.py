@@ -7,9 +7,13 @@ sending one pre-built payload with 32 unacknowledged for --seconds) feeds both.
 Reports samples/s taken by the learner, and this process's CPU (server and
 learner together) per sample, median of --reps interleaved runs.
 
-    bash scripts/setup-python.sh && bash scripts/test-python-binding.sh
-    .venv/bin/python python/bench_learner.py            # about 2 minutes
+    bash scripts/setup-python.sh
+    VIRTUAL_ENV=$PWD/.venv .venv/bin/maturin develop --release -m echo-py/Cargo.toml
+    .venv/bin/python python/bench_learner.py            # about 1 minute
     .venv/bin/python python/bench_learner.py --quick    # smoke run
+
+It refuses a debug build of echo_rs (what the tests install) unless
+--allow-debug is given.
 
 The learner touches every batch (the first element of each leaf), as a real one
 would read it, and keeps no reference to it once the next one is taken.
@@ -130,12 +134,20 @@ def main():
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one short run per cell")
+    p.add_argument("--allow-debug", action="store_true", help="measure a debug build of echo_rs anyway")
     p.add_argument("--client", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client:
         port, size, seconds = args.client
         client_main(int(port), int(size), float(seconds))
         return
+    import echo_rs._native as native
+
+    if native.DEBUG_BUILD and not args.allow_debug:
+        raise SystemExit(
+            "echo_rs is a debug build; install a release one first: "
+            "VIRTUAL_ENV=$PWD/.venv .venv/bin/maturin develop --release -m echo-py/Cargo.toml"
+        )
     if args.quick:
         args.reps, args.seconds = 1, 1.0
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -143,7 +155,8 @@ def main():
     print(
         f"Python learner loop, {args.clients} echo_rs.Client processes on tcp:// (max_inflight 32), "
         f"{args.seconds} s per run, median of {args.reps} interleaved run(s); "
-        f"CPU: this process (server + learner) per sample. {os.cpu_count()} CPUs."
+        f"CPU: this process (server + learner) per sample. {os.cpu_count()} CPUs"
+        f"{'; echo_rs DEBUG build' if native.DEBUG_BUILD else ''}."
     )
     print()
     print("| sample | id-echo Server | CPU µs/sample | echo_rs.Server | CPU µs/sample | echo_rs / id-echo |")

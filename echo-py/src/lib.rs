@@ -479,6 +479,8 @@ impl Client {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Server>()?;
     m.add_class::<Client>()?;
+    // For benchmarks, which want a release build (`maturin develop --release`).
+    m.add("DEBUG_BUILD", cfg!(debug_assertions))?;
     m.add(
         "ConnectionClosedError",
         m.py().get_type::<ConnectionClosedError>(),
