@@ -110,6 +110,9 @@ struct Ready {
     list: VecDeque<Arc<ConnQueue>>,
     live: usize,
     closing: bool,
+    /// Nobody will consume any more (the server was dropped without a
+    /// shutdown): drainers leave without draining.
+    abandoned: bool,
     drainers: usize,
 }
 
@@ -167,6 +170,7 @@ impl Ingress {
                 list: VecDeque::new(),
                 live: 0,
                 closing: false,
+                abandoned: false,
                 drainers,
             }),
             ready_cv: Condvar::new(),
@@ -290,6 +294,17 @@ impl Ingress {
     pub(crate) fn begin_shutdown(&self) {
         self.inner.closing.store(true, Release);
         self.inner.shutdown_tx.send_replace(true);
+    }
+
+    /// Lets the drainers go at once, without draining: for a server dropped
+    /// without a shutdown, whose store is aborted (nobody consumes any more).
+    /// Does not wait for them.
+    pub(crate) fn abandon(&self) {
+        let mut ready = lock(&self.inner.ready);
+        ready.abandoned = true;
+        ready.closing = true;
+        drop(ready);
+        self.inner.ready_cv.notify_all();
     }
 
     /// Waits until every queue is drained into the store and the drainers exit.
@@ -604,6 +619,9 @@ fn drain(inner: &IngressInner) {
         let queue = {
             let mut ready = lock(&inner.ready);
             loop {
+                if ready.abandoned {
+                    break None;
+                }
                 if let Some(q) = ready.list.pop_front() {
                     break Some(q);
                 }
@@ -620,8 +638,10 @@ fn drain(inner: &IngressInner) {
         let item = lock(&queue.state).items.pop_front();
         if let Some((item, _queued_at)) = item {
             if let Err(e) = inner.store.write_blocking(item.bytes()) {
+                // An abandoned server's aborted store refuses by design.
+                let abandoned = lock(&inner.ready).abandoned;
                 let mut err = lock(&inner.drain_error);
-                if err.is_none() {
+                if err.is_none() && !abandoned {
                     tracing::error!("ingress: store refused a write: {e}");
                     *err = Some(e.to_string());
                 }

@@ -108,8 +108,11 @@ struct ServerInner {
 
 impl Drop for ServerInner {
     fn drop(&mut self) {
-        // Nobody can consume any more: let waiting writers and drainers go.
+        // Nobody can consume any more: let waiting writers and drainers go
+        // (the drainers' threads end; they would otherwise wait for a
+        // shutdown that never comes, holding the ring).
         self.ingress.begin_shutdown();
+        self.ingress.abandon();
         self.store.abort();
     }
 }
