@@ -110,7 +110,7 @@ impl Drop for ServerInner {
     fn drop(&mut self) {
         // Nobody can consume any more: let waiting writers and drainers go
         // (the drainers' threads end; they would otherwise wait for a
-        // shutdown that never comes, holding the ring).
+        // shutdown that never comes, holding the ring). As `Server::abort`.
         self.ingress.begin_shutdown();
         self.ingress.abandon();
         self.store.abort();
@@ -276,6 +276,18 @@ impl Server {
         self.inner.ingress.is_shutting_down()
     }
 
+    /// Stops at once, without draining, for a consumer that is going away:
+    /// transports are told to stop, writers waiting for ring space and the
+    /// drainers give up, and the store closes (the consumer gets what the
+    /// ring already holds, then `None`). Samples still queued or in flight are
+    /// dropped, acknowledged or not: [`shutdown`](Self::shutdown) while
+    /// consuming loses nothing. Dropping the last clone of a server does this.
+    pub fn abort(&self) {
+        self.inner.ingress.begin_shutdown();
+        self.inner.ingress.abandon();
+        self.inner.store.abort();
+    }
+
     /// Shuts down gracefully: stops accepting, closes connections, drains every
     /// queue into the store and closes it. The consumer then receives every
     /// remaining full batch, the remainder as a partial batch, then `None`.
@@ -347,5 +359,37 @@ mod tests {
         assert_eq!(m.samples_inserted_total, 6);
         assert_eq!(m.batches_total, 2);
         assert_eq!(m.notify_count, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abort_lets_a_blocked_writer_go_and_hands_out_the_ring() {
+        let server = Server::builder(Spec::bytes(1).unwrap())
+            .batch_size(2)
+            .num_buffers(2)
+            .build()
+            .unwrap();
+        server.submit(&[1, 2, 3, 4]).await.unwrap();
+        // The ring is full: this one waits for a batch to be consumed.
+        let blocked = tokio::spawn({
+            let server = server.clone();
+            async move { server.submit(&[5]).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!blocked.is_finished());
+        server.abort();
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), blocked)
+            .await
+            .expect("the blocked writer was let go")
+            .unwrap();
+        assert!(
+            refused.is_err(),
+            "a write into an aborted store: {refused:?}"
+        );
+        for want in [[1, 2], [3, 4]] {
+            let b = server.next_batch().await.unwrap();
+            assert_eq!(b.leaf(0).bytes(), &want);
+        }
+        assert!(server.next_batch().await.is_none());
+        assert!(matches!(server.submit(&[6]).await, Err(Error::Shutdown)));
     }
 }

@@ -214,6 +214,9 @@ impl Store {
             let (start, n) = self
                 .inner
                 .reserve(rest.len() / self.inner.spec.payload_size())?;
+            // Until filled: if this write gives up (an aborted store) or is
+            // cancelled, its slots would never be filled.
+            let unfilled = Unfilled::new(&self.inner, start);
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
             while let Some(l) = self
@@ -223,6 +226,7 @@ impl Store {
                 l.await;
             }
             rest = self.inner.fill(start, n, rest);
+            unfilled.filled();
         }
         Ok(())
     }
@@ -234,6 +238,7 @@ impl Store {
             let (start, n) = self
                 .inner
                 .reserve(rest.len() / self.inner.spec.payload_size())?;
+            let unfilled = Unfilled::new(&self.inner, start);
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
             while let Some(l) = self
@@ -243,6 +248,7 @@ impl Store {
                 l.wait();
             }
             rest = self.inner.fill(start, n, rest);
+            unfilled.filled();
         }
         Ok(())
     }
@@ -583,6 +589,33 @@ impl Inner {
         self.space.notify(usize::MAX);
         // A consumer waiting for the batch that reuses this slot may be able to go on.
         self.ready.notify(usize::MAX);
+    }
+}
+
+/// Slots a waiting write reserved and has not filled yet. If the write ends
+/// before filling them (the store was aborted while it waited for ring space,
+/// or its future was dropped), nothing else ever will: the store then ends at
+/// their batch, as for a dropped [`Reservation`], instead of leaving the
+/// consumer waiting for it.
+struct Unfilled<'a> {
+    inner: &'a Inner,
+    start: u64,
+}
+
+impl<'a> Unfilled<'a> {
+    fn new(inner: &'a Inner, start: u64) -> Self {
+        Unfilled { inner, start }
+    }
+
+    /// The slots are filled and committed.
+    fn filled(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unfilled<'_> {
+    fn drop(&mut self) {
+        self.inner.break_at(self.start);
     }
 }
 

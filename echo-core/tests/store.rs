@@ -242,3 +242,47 @@ fn writers_waiting_behind_a_broken_batch_give_up() {
     a.join().unwrap().unwrap();
     assert!(s.next_batch_blocking().is_none());
 }
+
+#[test]
+fn a_write_dropped_while_waiting_for_space_ends_the_store_before_its_batch() {
+    use futures::FutureExt;
+    // Two batches of two, both full: a third write reserves a slot of batch 2
+    // and waits for ring space. Dropped there (a cancelled `submit`), its slot
+    // would never be filled.
+    let s = Store::new(spec(), 2, 2).unwrap();
+    s.write_blocking(&[payload(0), payload(1), payload(2), payload(3)].concat())
+        .unwrap();
+    assert!(s.write(&payload(4)).now_or_never().is_none(), "it waited");
+    assert!(s.is_broken() && s.is_closed());
+    // The consumer gets both full batches, then the end instead of waiting
+    // for batch 2 forever.
+    for want in [[0, 1], [2, 3]] {
+        let b = s.next_batch_blocking().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &want);
+    }
+    assert!(s.next_batch_blocking().is_none());
+}
+
+#[test]
+fn an_abort_lets_waiting_writers_go_and_ends_the_store_before_their_batch() {
+    let s = Store::new(spec(), 1, 2).unwrap();
+    s.write_blocking(&[payload(0), payload(1)].concat())
+        .unwrap();
+    let waiting = {
+        let s = s.clone();
+        std::thread::spawn(move || s.write_blocking(&payload(2)))
+    };
+    while s.size() < 3 {
+        std::thread::yield_now();
+    }
+    s.abort();
+    assert!(matches!(waiting.join().unwrap(), Err(Error::Shutdown)));
+    for want in [0, 1] {
+        let b = s.next_batch_blocking().unwrap();
+        assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[want]);
+    }
+    assert!(
+        s.next_batch_blocking().is_none(),
+        "waited for the abandoned slot"
+    );
+}
