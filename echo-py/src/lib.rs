@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use echo::{DType, Leaf, Spec};
 use pyo3::create_exception;
-use pyo3::exceptions::{
-    PyBufferError, PyConnectionError, PyRuntimeError, PyTimeoutError, PyValueError,
-};
+use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::{ffi, IntoPyObjectExt};
@@ -76,6 +74,20 @@ fn spec_of(leaves: Vec<(String, Vec<u32>, String)>) -> PyResult<Spec> {
     Spec::new(leaves).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
+/// `seconds` from now, or `None` for no limit (also when it is too far off
+/// to represent); an error naming `what` for a negative or NaN value.
+fn deadline(what: &str, seconds: Option<f64>) -> PyResult<Option<Instant>> {
+    match seconds {
+        None => Ok(None),
+        Some(t) if t >= 0.0 => Ok(Duration::try_from_secs_f64(t)
+            .ok()
+            .and_then(|d| Instant::now().checked_add(d))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "{what} must be a number of seconds >= 0, got {t}"
+        ))),
+    }
+}
+
 /// A runtime for the transports, its threads named `name`.
 fn runtime(threads: usize, name: &str) -> PyResult<tokio::runtime::Runtime> {
     if threads == 0 {
@@ -97,6 +109,18 @@ struct Server {
     /// Runs the transports; dropped (and its threads stopped) with the server.
     runtime: tokio::runtime::Runtime,
     urls: Vec<String>,
+    /// The graceful shutdown `close` started, until `sample` sees its end.
+    closing: Mutex<Option<tokio::task::JoinHandle<echo::Result<()>>>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Dropped without being drained (no `close`, or `close` and not
+        // sampled to the end): nobody will consume, so stop at once. Otherwise
+        // the runtime's drop would wait for a shutdown that waits for ring
+        // space, with the GIL held.
+        self.server.abort();
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -148,7 +172,7 @@ impl Server {
             Ok(urls) => urls,
             Err(e) => {
                 // Unbind whatever did bind before the failing URL.
-                let _ = runtime.block_on(server.shutdown());
+                let _ = py.detach(|| runtime.block_on(server.shutdown()));
                 return Err(py_err(e));
             }
         };
@@ -156,6 +180,7 @@ impl Server {
             server,
             runtime,
             urls,
+            closing: Mutex::new(None),
         })
     }
 
@@ -171,22 +196,12 @@ impl Server {
         self.server.batch_size()
     }
 
-    /// Waits for the next whole batch (after `close`, what is left as a last,
-    /// shorter batch, then `None`). Releases the GIL while waiting; Ctrl-C
+    /// Waits for the next whole batch (after `close`, the rest, the last one
+    /// maybe shorter, then `None`). Releases the GIL while waiting; Ctrl-C
     /// interrupts it; `timeout` (seconds) raises `TimeoutError`.
     #[pyo3(signature = (timeout=None))]
     fn sample(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Batch>> {
-        let deadline = match timeout {
-            None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => {
-                Some(Instant::now() + Duration::from_secs_f64(t))
-            }
-            Some(t) => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be a number of seconds >= 0, got {t}"
-                )))
-            }
-        };
+        let deadline = deadline("timeout", timeout)?;
         loop {
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(POLL),
@@ -199,7 +214,20 @@ impl Server {
             });
             match got {
                 Ok(Some(batch)) => return Ok(Some(Batch::new(batch))),
-                Ok(None) => return Ok(None),
+                Ok(None) => {
+                    // The store is closed: the shutdown is at its last step.
+                    let closing = self
+                        .closing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    if let Some(task) = closing {
+                        py.detach(|| self.runtime.block_on(task))
+                            .map_err(|e| PyRuntimeError::new_err(format!("shutdown: {e}")))?
+                            .map_err(py_err)?;
+                    }
+                    return Ok(None);
+                }
                 Err(_) => {
                     py.check_signals()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -233,12 +261,17 @@ impl Server {
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))
     }
 
-    /// Stops accepting, drains every connection's queue into the ring, and
-    /// ends: `sample` then hands out what is left and returns `None`. Safe to
-    /// call twice.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.runtime.block_on(self.server.shutdown()))
-            .map_err(py_err)
+    /// Starts a graceful shutdown and returns: listeners stop accepting,
+    /// connections close, and what they had queued goes into the ring, which
+    /// `sample` hands out (the last batch maybe shorter) before it returns
+    /// `None`. Keep sampling until then: a full ring waits for the learner.
+    /// Safe to call twice.
+    fn close(&self) {
+        let mut closing = self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        if closing.is_none() && !self.server.is_shutting_down() {
+            let server = self.server.clone();
+            *closing = Some(self.runtime.spawn(async move { server.shutdown().await }));
+        }
     }
 }
 
@@ -329,19 +362,15 @@ impl LeafBuffer {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("no Py_buffer to fill"));
-        }
-        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
-            return Err(PyBufferError::new_err(
-                "a batch's leaves are read-only (np.copy them to write)",
-            ));
-        }
         let bytes = slf.get().batch.get().batch.leaf(slf.get().index).bytes();
-        let len = isize::try_from(bytes.len())
-            .map_err(|_| PyBufferError::new_err("leaf larger than isize::MAX bytes"))?;
-        // SAFETY: `view` is non-null and Python's to fill; the bytes stay valid
-        // and unchanged while `slf` lives (it holds the batch, whose slots no
+        // A spec's payload is at most isize::MAX / 4 bytes (Spec::new), and
+        // a leaf is one payload's part times the batch's samples in a ring
+        // that was allocated: the length fits.
+        let len = bytes.len() as isize;
+        // SAFETY: `view` is Python's to fill (PyBuffer_FillInfo refuses a null
+        // one, and a writable request since we pass readonly = 1, each with
+        // BufferError and `view->obj` left NULL); the bytes stay valid and
+        // unchanged while `slf` lives (it holds the batch, whose slots no
         // writer touches until the batch is dropped), and PyBuffer_FillInfo
         // stores a new reference to `slf` in the view, so they outlive it.
         let rc = unsafe {
@@ -373,6 +402,7 @@ impl LeafBuffer {
 struct Client {
     client: Mutex<Box<dyn echo::Client>>,
     runtime: tokio::runtime::Runtime,
+    payload_size: usize,
 }
 
 impl std::fmt::Debug for Client {
@@ -417,14 +447,20 @@ impl Client {
         threads: usize,
     ) -> PyResult<Self> {
         let spec = spec_of(leaves)?;
+        let payload_size = spec.payload_size();
         if !(connect_timeout.is_finite() && connect_timeout > 0.0) {
             return Err(PyValueError::new_err(format!(
                 "connect_timeout must be a number of seconds > 0, got {connect_timeout}"
             )));
         }
+        let connect_timeout = Duration::try_from_secs_f64(connect_timeout).map_err(|_| {
+            PyValueError::new_err(format!(
+                "connect_timeout of {connect_timeout} s is too long"
+            ))
+        })?;
         let options = echo::ClientOptions {
             max_inflight,
-            connect_timeout: Duration::from_secs_f64(connect_timeout),
+            connect_timeout,
             ..echo::ClientOptions::default()
         };
         let runtime = runtime(threads, "echo-rs-client")?;
@@ -434,16 +470,14 @@ impl Client {
         Ok(Client {
             client: Mutex::new(client),
             runtime,
+            payload_size,
         })
     }
 
     /// Bytes per payload.
     #[getter]
     fn payload_size(&self) -> usize {
-        self.client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .payload_size()
+        self.payload_size
     }
 
     /// Sends one payload (every leaf's bytes, in wire order), waiting while
@@ -463,13 +497,15 @@ impl Client {
         self.run(py, |c| Box::pin(c.close()))
     }
 
-    /// `(sent, acknowledged)` payloads so far.
-    fn counts(&self) -> (u64, u64) {
-        let stats = self
-            .client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .stats();
+    /// `(sent, acknowledged)` payloads so far (after a `send` in progress on
+    /// another thread returns; waits without the GIL).
+    fn counts(&self, py: Python<'_>) -> (u64, u64) {
+        let stats = py.detach(|| {
+            self.client
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stats()
+        });
         (stats.sent, stats.acked)
     }
 }

@@ -8,12 +8,14 @@ must come out of the batches exactly once, byte for byte, in the example's
 pytree shape.
 """
 
+import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import unittest
 
 import numpy as np
@@ -108,7 +110,7 @@ class TcpFromIdEcho(unittest.TestCase):
     def test_a_client_with_another_spec_is_refused_and_others_go_on(self):
         with echo_rs.Server(EXAMPLE, batch_size=4, listen=["tcp://127.0.0.1:0"]) as server:
             other = dict(EXAMPLE, act=np.zeros(3, np.int64))
-            with self.assertRaises(Exception):
+            with self.assertRaisesRegex(ValueError, "spec mismatch"):
                 c = TcpClient("127.0.0.1", server.port, data_sample=other)
                 c.send(other)
                 c.wait()
@@ -144,7 +146,7 @@ class Batches(unittest.TestCase):
                 server.submit(make(1, seq))
             done.set()
 
-        t = threading.Thread(target=writer)
+        t = threading.Thread(target=writer, daemon=True)
         t.start()
         # Batch 1 fills; the next four samples have nowhere to go while batch 0 is held.
         self.assertFalse(done.wait(0.5), "a writer went past a batch the learner still holds")
@@ -196,12 +198,122 @@ class Batches(unittest.TestCase):
         with self.assertRaisesRegex(TypeError, "list of URLs"):
             echo_rs.Server(EXAMPLE, batch_size=2, listen="tcp://127.0.0.1:0")
         server = echo_rs.Server(EXAMPLE, batch_size=2)
-        with self.assertRaisesRegex(ValueError, "expected a int64 leaf of shape \\(2,\\), got int64 of shape \\(3,\\)"):
+        with self.assertRaisesRegex(ValueError, "leaf 'act': expected int64 of shape \\(2,\\), got int64 of shape \\(3,\\)"):
             server.submit(dict(make(0, 0), act=np.zeros(3, np.int64)))
         with self.assertRaises(TimeoutError):
             server.sample(timeout=0.1)
         with self.assertRaisesRegex(ValueError, "timeout must be"):
             server.sample(timeout=-1)
+        server.close()
+
+
+def finishes(test, fn, secs=30):
+    """Runs `fn` in a thread; fails if it has not returned within `secs`."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except Exception as e:
+            errors.append(repr(e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(secs)
+    test.assertFalse(t.is_alive(), f"{fn.__name__} did not return within {secs} s")
+    test.assertEqual(errors, [])
+
+
+class Shutdown(unittest.TestCase):
+    def test_close_then_sample_to_the_end_delivers_every_acknowledged_sample(self):
+        # The ring (11 batches of 4) holds all 42; the client waits for every
+        # ack before the learner takes anything, then the learner closes.
+        server = echo_rs.Server(EXAMPLE, batch_size=4, num_buffers=11, listen=["tcp://127.0.0.1:0"])
+        errors = []
+        send(server.port, 4, 42, errors)
+        self.assertEqual(errors, [])
+        server.close()
+        seen, sizes = [], []
+        while (sample := server.sample(timeout=30)) is not None:
+            n = len(sample.batch["reward"])
+            sizes.append(n)
+            seen += check_batch(self, sample.batch, n)
+        self.assertEqual(seen, [(4, s) for s in range(42)])
+        self.assertEqual(sizes[-1], 2)  # the partial last batch
+
+    def test_leaving_the_with_block_while_clients_send_into_a_full_ring_returns(self):
+        server = echo_rs.Server(EXAMPLE, batch_size=4, num_buffers=2, listen=["tcp://127.0.0.1:0"])
+        port = server.port
+
+        ended = []
+
+        # (id-echo's TcpClient would wait forever here: once its window is
+        # full, a sender waits for acks that its reader, having seen the
+        # connection end, no longer counts.)
+        def flood():
+            try:
+                c = echo_rs.Client(f"tcp://127.0.0.1:{port}", EXAMPLE)
+                for seq in range(100_000):
+                    c.send(make(6, seq))
+            except echo_rs.ConnectionClosedError as e:
+                ended.append(e)  # the server went away, as it should
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+
+        def learner():
+            with server:
+                self.assertIsNotNone(server.sample(timeout=30))
+                while server.metrics()["push_blocked_count"] == 0:
+                    time.sleep(0.01)
+                # Leaves with the ring full and the client still sending.
+
+        finishes(self, learner)
+        sender.join(30)
+        self.assertFalse(sender.is_alive(), "the client was not told the server left")
+        self.assertEqual(len(ended), 1)
+
+    def test_dropping_a_server_with_a_full_ring_does_not_hang(self):
+        self.drop_with_a_full_ring(close_first=False)
+
+    def test_dropping_a_closed_server_that_was_not_drained_does_not_hang(self):
+        self.drop_with_a_full_ring(close_first=True)
+
+    def drop_with_a_full_ring(self, close_first):
+        server = echo_rs.Server(EXAMPLE, batch_size=2, num_buffers=2, listen=["tcp://127.0.0.1:0"])
+        for seq in range(4):
+            server.submit(make(1, seq))
+        # A client's sample waits in its queue for ring space (acknowledged).
+        errors = []
+        send(server.port, 2, 1, errors)
+        self.assertEqual(errors, [])
+        if close_first:
+            server.close()  # a shutdown that waits for the ring to drain
+
+        def drop():
+            nonlocal server
+            server = None
+            gc.collect()
+
+        finishes(self, drop)
+
+
+class Pytrees(unittest.TestCase):
+    def test_names_that_join_alike_and_the_port_of_the_tcp_listener(self):
+        example = {"a.b": np.zeros(1, np.int8), "a": {"b": np.zeros(2, np.int8)}}
+        with echo_rs.Server(example, batch_size=1, listen=["quic://127.0.0.1:0", "tcp://127.0.0.1:0"]) as server:
+            self.assertEqual(server.port, int(server.urls[1].rsplit(":", 1)[1]))
+            server.submit({"a.b": np.ones(1, np.int8), "a": {"b": np.full(2, 2, np.int8)}})
+            batch = server.sample(timeout=10).batch
+            np.testing.assert_array_equal(batch["a"]["b"], [[2, 2]])
+            np.testing.assert_array_equal(batch["a.b"], [[1]])
+            del batch
+
+    def test_a_sample_of_another_structure_is_refused(self):
+        server = echo_rs.Server(EXAMPLE, batch_size=2)
+        renamed = {"obs": make(0, 0)["obs"], "action": np.zeros(2, np.int64), "reward": np.zeros((), np.float32)}
+        with self.assertRaisesRegex(ValueError, "expected a sample shaped like"):
+            server.submit(renamed)
         server.close()
 
 
@@ -216,7 +328,9 @@ class Clients(unittest.TestCase):
     def test_quic_with_streams_and_unix_clients_deliver_every_sample(self):
         with tempfile.TemporaryDirectory() as d:
             listen = ["quic://127.0.0.1:0", f"unix://{d}/s.sock"]
-            with echo_rs.Server(EXAMPLE, batch_size=8, listen=listen) as server:
+            # Room in the ring for all 80 samples: they are all acknowledged
+            # before the first batch is taken.
+            with echo_rs.Server(EXAMPLE, batch_size=8, num_buffers=10, listen=listen) as server:
                 quic_url, unix_url = server.urls
                 self.assertIn("ca=", quic_url)  # the server's self-signed certificate
                 with echo_rs.Client(quic_url + "&streams=3", EXAMPLE, max_inflight=8) as quic, \
@@ -256,7 +370,7 @@ class Clients(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "spec"):
                 echo_rs.Client(server.urls[0], dict(EXAMPLE, act=np.zeros(3, np.int64)))
             c = echo_rs.Client(server.urls[0], EXAMPLE)
-            with self.assertRaisesRegex(ValueError, "expected a float32 leaf of shape \\(5,\\)"):
+            with self.assertRaisesRegex(ValueError, "leaf 'obs.vec': expected float32 of shape \\(5,\\)"):
                 c.send(dict(make(0, 0), obs={"vec": np.zeros(6, np.float32), "image": np.zeros((2, 3), np.uint8)}))
             c.send(make(0, 0))
             c.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import numpy as np
 import optree
@@ -61,9 +62,12 @@ def _flatten_example(example: Any):
     """The example's leaves as ``(name, shape, dtype name)`` in optree's order,
     their ``(dtype, shape)``, and its treedef."""
     paths, leaves, treedef = optree.tree_flatten_with_path(example)
-    spec, kinds = [], []
+    spec, kinds, names = [], [], set()
     for i, (path, leaf) in enumerate(zip(paths, leaves)):
         name = _leaf_name(path, i)
+        if name in names:  # {"a.b": x, "a": {"b": y}}: names only need to differ
+            name = f"{name}#{i}"
+        names.add(name)
         if isinstance(leaf, np.generic):
             leaf = np.asarray(leaf)
         if not isinstance(leaf, np.ndarray):
@@ -72,22 +76,22 @@ def _flatten_example(example: Any):
         if dtype.byteorder == ">" or (dtype.byteorder == "=" and not np.little_endian):
             raise TypeError(f"leaf {name!r}: big-endian dtype {dtype.str}")
         spec.append((name, list(leaf.shape), dtype.name))
-        kinds.append((dtype, tuple(leaf.shape)))
+        kinds.append((name, dtype, tuple(leaf.shape)))
     return spec, kinds, treedef
 
 
-def _payload(data: Any, kinds: list) -> bytes:
-    """One sample's bytes: its leaves in optree's order, each checked against
-    the example's dtype and shape."""
-    leaves = optree.tree_leaves(data)
-    if len(leaves) != len(kinds):
-        raise ValueError(f"expected {len(kinds)} leaves, got {len(leaves)}")
+def _payload(data: Any, kinds: list, treedef: Any) -> bytes:
+    """One sample's bytes: its leaves in optree's order, the pytree's structure
+    and each leaf's dtype and shape checked against the example's."""
+    leaves, structure = optree.tree_flatten(data)
+    if structure != treedef:
+        raise ValueError(f"expected a sample shaped like {treedef}, got {structure}")
     parts = []
-    for leaf, (dtype, shape) in zip(leaves, kinds):
+    for leaf, (name, dtype, shape) in zip(leaves, kinds):
         a = np.asarray(leaf)
         if a.dtype != dtype or a.shape != shape:
             raise ValueError(
-                f"expected a {dtype} leaf of shape {shape}, got {a.dtype} of shape {a.shape}"
+                f"leaf {name!r}: expected {dtype} of shape {shape}, got {a.dtype} of shape {a.shape}"
             )
         parts.append(np.ascontiguousarray(a).tobytes())
     return b"".join(parts)
@@ -146,12 +150,14 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The first TCP or QUIC listener's port (id-echo's ``Server.port``)."""
-        for url in self.urls:
-            host_port = url.split("://", 1)[1].split("?", 1)[0].split("/", 1)[0]
-            if ":" in host_port:
-                return int(host_port.rsplit(":", 1)[1])
-        raise ValueError(f"no listener with a port among {self.urls}")
+        """The first ``tcp://`` listener's port (id-echo's ``Server.port``), or
+        else the first ``quic://`` one's."""
+        for scheme in ("tcp", "quic"):
+            for url in self.urls:
+                parts = urlsplit(url)
+                if parts.scheme == scheme and parts.port is not None:
+                    return parts.port
+        raise ValueError(f"no tcp:// or quic:// listener among {self.urls}")
 
     def sample(self, timeout: float | None = None) -> Sample | None:
         """Waits for the next whole batch; ``None`` once the server is closed
@@ -166,7 +172,7 @@ class Server:
         n = len(native)
         arrays = [
             np.frombuffer(buf, dtype=dtype).reshape((n, *shape))
-            for buf, (dtype, shape) in zip(native.leaves(), self._leaves)
+            for buf, (_, dtype, shape) in zip(native.leaves(), self._leaves)
         ]
         batch = optree.tree_unflatten(self._treedef, arrays)
         return Sample(batch=batch, info=self.metrics())
@@ -181,24 +187,34 @@ class Server:
             if copy:
                 sample = Sample(optree.tree_map(np.array, sample.batch), sample.info)
             yield sample
+            # Not held here while the next one is awaited.
+            del sample
 
     def submit(self, data: Any) -> None:
         """Feeds one sample (a pytree like the example) in-process."""
-        self._native.submit(_payload(data, self._leaves))
+        self._native.submit(_payload(data, self._leaves, self._treedef))
 
     def metrics(self) -> dict:
         """The server's metrics: store, connections, queues, and per transport."""
         return json.loads(self._native.metrics_json())
 
     def close(self) -> None:
-        """Stops accepting and drains; ``sample`` then returns what is left, then ``None``."""
+        """Starts a graceful shutdown and returns at once: listeners stop,
+        connections close, and what they had queued still reaches the ring.
+        Keep calling ``sample`` (or iterate ``dataset_iter``) to take the rest,
+        until it returns ``None``; a full ring waits for you. Safe to call twice.
+        """
         self._native.close()
 
     def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Closes and takes whatever is left, discarding it (the learner left
+        the block, so nobody will read it); returns once the server is down."""
         self.close()
+        while self._native.sample(None) is not None:
+            pass
 
 
 class Client:
@@ -216,12 +232,12 @@ class Client:
     """
 
     def __init__(self, url: str, example: Any, *, max_inflight: int = 32, connect_timeout: float = 10.0):
-        spec, self._leaves, _ = _flatten_example(example)
+        spec, self._leaves, self._treedef = _flatten_example(example)
         self._native = _native.Client(url, spec, max_inflight=max_inflight, connect_timeout=connect_timeout)
 
     def send(self, data: Any) -> None:
         """Sends one sample (a pytree like the example)."""
-        self._native.send(_payload(data, self._leaves))
+        self._native.send(_payload(data, self._leaves, self._treedef))
 
     def wait(self) -> None:
         """Waits until every sample sent is acknowledged."""
