@@ -74,20 +74,27 @@ async fn read_to_end(recv: &mut quinn::RecvStream, secs: u64) -> Vec<u8> {
     got
 }
 
+/// A server for `spec` on `quic://127.0.0.1:0` with a handshake timeout of 1 s
+/// (for wire and TLS handshakes alike), and its URL.
+async fn quic_server(spec: &echo::Spec) -> (Server, String) {
+    let server = Server::builder(spec.clone())
+        .batch_size(16)
+        .limits(Limits {
+            handshake_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        })
+        .registry(echo::registry())
+        .build()
+        .unwrap();
+    let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+    (server, url)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_hellos_slow_streams_and_silent_connections_harm_no_one() {
     within(60, "the test", async {
         let spec = kit_spec(64);
-        let server = Server::builder(spec.clone())
-            .batch_size(16)
-            .limits(Limits {
-                handshake_timeout: Duration::from_secs(1),
-                ..Limits::default()
-            })
-            .registry(echo::registry())
-            .build()
-            .unwrap();
-        let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+        let (server, url) = quic_server(&spec).await;
         let consumer = spawn_consumer(&server);
         let good = spawn_good(&url, &spec, 0..3, 400);
 
@@ -187,16 +194,7 @@ async fn first_datagram_only(server: std::net::SocketAddr) -> std::net::SocketAd
 async fn unfinished_quic_handshakes_are_cut_at_the_handshake_timeout() {
     within(60, "the test", async {
         let spec = kit_spec(64);
-        let server = Server::builder(spec.clone())
-            .batch_size(16)
-            .limits(Limits {
-                handshake_timeout: Duration::from_secs(1),
-                ..Limits::default()
-            })
-            .registry(echo::registry())
-            .build()
-            .unwrap();
-        let url = server.listen("quic://127.0.0.1:0").await.unwrap();
+        let (server, url) = quic_server(&spec).await;
         let consumer = spawn_consumer(&server);
         let refused = || server.metrics().transports["quic"].connections_refused;
         assert_eq!(refused(), 0);
