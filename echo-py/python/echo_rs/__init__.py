@@ -19,9 +19,10 @@ them while you read. The slots go back once every array of the batch is gone
 (drop your references, or take ``copy=True`` batches). Holding on to
 ``num_buffers`` batches at once stops the flow until one is dropped.
 
-Waiting calls (``Server.sample``, ``Server.close``, ``Client.send``/``wait``)
-release the GIL. ``sample`` sees Ctrl-C within 50 ms; ``Client.send`` blocks
-while ``max_inflight`` samples are unacknowledged and sees it once it returns.
+Waiting calls (``Server.sample`` and ``submit``, ``Client.send`` and
+``wait``) release the GIL. ``sample`` sees Ctrl-C within 50 ms; ``submit``
+(while the ring is full) and ``Client.send`` (while ``max_inflight`` samples
+are unacknowledged) see it once they return.
 Before Python 3.14, a thread still inside one of them when the interpreter
 exits is killed as it takes the GIL back, which aborts the process: join such
 threads (or close the server) before exiting, rather than leaving them as
