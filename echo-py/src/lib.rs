@@ -8,7 +8,8 @@
 //! `LeafBuffer`s: read-only Python buffers pointing straight into the batch
 //! ring. numpy arrays made from them (`np.frombuffer`) keep the leaf, and with
 //! it the batch, alive; the ring slots go back to the writers once every array
-//! of the batch is gone. Nothing is copied after ingress.
+//! of the batch is gone. Nothing is copied after ingress. A `Client` connects
+//! to any such URL for actors written in Python.
 //!
 //! Built and tested by `scripts/test-python-binding.sh` (maturin into the
 //! project's venv, then the Python tests in `tests/`).
