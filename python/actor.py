@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Rollout actors for examples/learner.rs, using id-echo's own Python TcpClient.
+"""Rollout actors for examples/learner.rs (or python/learner.py), using id-echo's
+own Python TcpClient, or with --url echo_rs.Client on any transport.
 
 Each actor (a thread with its own TcpClient connection) plays a toy episodic
 environment and sends one rollout step per call: a pytree of numpy arrays
@@ -7,6 +8,7 @@ built from the spec file the learner uses (examples/rl_spec.json by default).
 Then it waits for every step to be acknowledged and closes.
 
     .venv/bin/python python/actor.py --host 127.0.0.1 --port 5555 --actors 4 --steps 6400
+    .venv/bin/python python/actor.py --url 'quic://127.0.0.1:4433?ca=CERT' --actors 4 --steps 6400
 
 Spec file: a nested JSON object whose leaves are {"shape": [...], "dtype": "..."}.
 optree flattens dicts with keys sorted, which is the order the Rust spec uses.
@@ -67,7 +69,7 @@ class Actor(threading.Thread):
         self.sent = 0
         self.error: BaseException | None = None
         self.elapsed = 0.0
-        self.client: TcpClient | None = None
+        self.client: Any = None  # TcpClient, or echo_rs.Client with --url
         logits = dict(leaves(self.step_tree)).get("policy.logits")
         self.n_actions = int(logits.shape[-1]) if logits is not None and logits.ndim else 6
 
@@ -91,9 +93,14 @@ class Actor(threading.Thread):
     def run(self) -> None:
         start = time.perf_counter()
         try:
-            self.client = TcpClient(
-                self.args.host, self.args.port, self.step_tree, max_inflight_msgs=self.args.max_inflight
-            )
+            if self.args.url:
+                import echo_rs  # built into the venv by scripts/test-python-binding.sh
+
+                self.client = echo_rs.Client(self.args.url, self.step_tree, max_inflight=self.args.max_inflight)
+            else:
+                self.client = TcpClient(
+                    self.args.host, self.args.port, self.step_tree, max_inflight_msgs=self.args.max_inflight
+                )
             for step in range(self.args.steps):
                 self.fill(step)
                 self.client.send(self.step_tree)
@@ -111,6 +118,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--url", help="any echo URL (tcp://, unix://, grpc(s)://, quic://...): echo_rs.Client instead of id-echo's")
     p.add_argument("--actors", type=int, default=4, help="concurrent actors, one connection each")
     p.add_argument("--steps", type=int, default=6400, help="steps per actor")
     p.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="spec JSON (default: %(default)s)")
@@ -123,7 +131,8 @@ def main() -> int:
     spec = json.loads(args.spec.read_text())
     actors = [Actor(i, args, spec) for i in range(args.actors)]
     payload = sum(a.nbytes for _, a in leaves(actors[0].step_tree))
-    print(f"{args.actors} actors x {args.steps} steps of {payload} bytes to {args.host}:{args.port}", flush=True)
+    target = args.url or f"{args.host}:{args.port}"
+    print(f"{args.actors} actors x {args.steps} steps of {payload} bytes to {target}", flush=True)
     start = time.perf_counter()
     for a in actors:
         a.start()
@@ -141,7 +150,8 @@ def main() -> int:
     for a in actors:
         if a.error is not None:
             failed = True
-            kind = "learner went away" if isinstance(a.error, ConnectionClosedError) else type(a.error).__name__
+            closed = isinstance(a.error, ConnectionClosedError) or type(a.error).__name__ == "ConnectionClosedError"
+            kind = "learner went away" if closed else type(a.error).__name__
             print(f"actor {a.index}: {kind} after {a.sent} steps: {a.error}", file=sys.stderr)
         else:
             print(f"actor {a.index}: {a.sent} steps in {a.elapsed:.2f} s ({a.sent / max(a.elapsed, 1e-9):.0f} steps/s)")

@@ -382,6 +382,31 @@ class Clients(unittest.TestCase):
             echo_rs.Client(server.urls[0], EXAMPLE, connect_timeout=5)
 
 
+class LearnerAndActorScripts(unittest.TestCase):
+    def test_python_learner_and_actors_over_quic_streams(self):
+        learner = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "python", "learner.py"), "--listen", "quic://127.0.0.1:0",
+             "--batch-size", "32", "--batches", "8", "--print-every", "8"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            first = learner.stdout.readline()
+            self.assertTrue(first.startswith("listening on quic://"), first)
+            url = first.split(" ", 2)[2].strip()
+            actors = subprocess.run(
+                [sys.executable, os.path.join(REPO, "python", "actor.py"), "--url", url + "&streams=2",
+                 "--actors", "4", "--steps", "64", "--timeout", "60"],
+                capture_output=True, text=True, timeout=90,
+            )
+            self.assertEqual(actors.returncode, 0, actors.stderr)
+            out, _ = learner.communicate(timeout=60)
+        finally:
+            learner.kill()
+        self.assertEqual(learner.returncode, 0, out)
+        self.assertIn("done: 8 batches, 256 samples", out)
+        self.assertIn("quic 256 samples; problems: 0", out)
+
+
 class GrpcFromPython(unittest.TestCase):
     def test_grpc_and_tcp_listeners_feed_one_server(self):
         stubs = tempfile.mkdtemp()
