@@ -307,6 +307,11 @@ impl Ingress {
         self.inner.ready_cv.notify_all();
     }
 
+    /// True once [`abandon`](Self::abandon)ed.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        lock(&self.inner.ready).abandoned
+    }
+
     /// Waits until every queue is drained into the store and the drainers exit.
     /// With `force`, stops waiting for connections that are still open.
     pub(crate) fn finish(&self, force: bool) {

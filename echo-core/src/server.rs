@@ -284,6 +284,8 @@ impl Server {
     /// consuming loses nothing. Dropping the last clone of a server does this.
     pub fn abort(&self) {
         self.inner.ingress.begin_shutdown();
+        // Before the store's abort: drainers then see the store's refusals as
+        // expected, not as errors to report.
         self.inner.ingress.abandon();
         self.inner.store.abort();
     }
@@ -323,6 +325,11 @@ impl Server {
             .map_err(|e| Error::Other(format!("drainer join: {e}")))?;
         self.inner.store.close();
         *shut = true;
+        if self.inner.ingress.is_abandoned() {
+            return Err(Error::Other(
+                "aborted during the shutdown: samples still queued were dropped".into(),
+            ));
+        }
         match self.inner.ingress.drain_error() {
             Some(e) => Err(Error::Other(format!("ingress: {e}"))),
             None => Ok(()),

@@ -209,26 +209,28 @@ impl Store {
 
     /// Writes whole payloads (back to back) from async code, waiting for ring space.
     pub async fn write(&self, payloads: &[u8]) -> Result<()> {
+        // Never holds a reservation across an await: only slots of a batch
+        // whose ring slot is free now are reserved, and filled at once. So a
+        // write whose future is dropped while it waits (a cancelled
+        // `Server::submit`) leaves nothing half-reserved behind; the payloads
+        // it had written are in, the rest are not.
         let mut rest = self.check_len(payloads)?;
-        while !rest.is_empty() {
-            let (start, n) = self
-                .inner
-                .reserve(rest.len() / self.inner.spec.payload_size())?;
-            // Until filled: if this write gives up (an aborted store) or is
-            // cancelled, its slots would never be filled.
-            let unfilled = Unfilled::new(&self.inner, start);
-            let batch = start / self.inner.batch_size as u64;
-            let mut blocked = false;
-            while let Some(l) = self
-                .inner
-                .listen_unless(|| self.inner.is_free(batch), &mut blocked)?
-            {
-                l.await;
+        let mut blocked = false;
+        loop {
+            // Listening before trying: a slot freed in between still wakes us.
+            let listener = self.inner.space.listen();
+            let n = self.try_write(rest)?;
+            rest = &rest[n..];
+            if rest.is_empty() {
+                return Ok(());
             }
-            rest = self.inner.fill(start, n, rest);
-            unfilled.filled();
+            if n == 0 {
+                if !std::mem::replace(&mut blocked, true) {
+                    self.inner.push_blocked.fetch_add(1, Relaxed);
+                }
+                listener.await;
+            }
         }
-        Ok(())
     }
 
     /// Writes whole payloads (back to back) from a plain thread, blocking for ring space.
@@ -238,6 +240,8 @@ impl Store {
             let (start, n) = self
                 .inner
                 .reserve(rest.len() / self.inner.spec.payload_size())?;
+            // Reserved, then waiting for ring space: if the store is aborted
+            // meanwhile, nothing will fill these slots.
             let unfilled = Unfilled::new(&self.inner, start);
             let batch = start / self.inner.batch_size as u64;
             let mut blocked = false;
@@ -307,8 +311,9 @@ impl Store {
         Ok(())
     }
 
-    /// True once a reservation was dropped without being committed: the store
-    /// then ends before the batch holding it.
+    /// True once reserved slots were given up unfilled (a dropped
+    /// [`Reservation`], or a blocking write let go by [`abort`](Self::abort)):
+    /// the store then ends before the batch holding them.
     pub fn is_broken(&self) -> bool {
         self.inner.broken_at.load(Acquire) != u64::MAX
     }
@@ -592,11 +597,12 @@ impl Inner {
     }
 }
 
-/// Slots a waiting write reserved and has not filled yet. If the write ends
-/// before filling them (the store was aborted while it waited for ring space,
-/// or its future was dropped), nothing else ever will: the store then ends at
+/// Slots a blocking write reserved and has not filled yet. If the write gives
+/// up before filling them (the store was aborted, or broken earlier, while it
+/// waited for ring space), nothing else ever will: the store then ends at
 /// their batch, as for a dropped [`Reservation`], instead of leaving the
-/// consumer waiting for it.
+/// consumer waiting for it. (The async [`Store::write`] never waits holding
+/// a reservation.)
 struct Unfilled<'a> {
     inner: &'a Inner,
     start: u64,

@@ -10,9 +10,11 @@
 //! The scenarios are tiny (a ring of 2 batches of 1 or 2 samples, 2 or 3 threads)
 //! so that the state space is explored completely in seconds; they cover writers
 //! waiting for ring space, the consumer waiting for a batch, writes racing a close,
-//! and the non-blocking `try_write` racing a blocking writer.
+//! the non-blocking `try_write` racing a blocking writer, and an abort racing
+//! writers that wait holding reserved slots (without the store ending at a slot
+//! given up, the consumer deadlocks there).
 //!
-//! The preemption bound is 2 (about 25 s for all four in a debug build); loom's
+//! The preemption bound is 2 (about 30 s for all five in a debug build); loom's
 //! `LOOM_MAX_PREEMPTIONS` raises it for a deeper run, e.g. 3, which takes a few
 //! minutes: `LOOM_MAX_PREEMPTIONS=3 cargo test --release -p echo-core --test loom_store`.
 //! With bound 2 the model finds the lost wake-up that the fences in the store's
@@ -257,5 +259,48 @@ fn try_write_racing_a_blocking_writer_never_waits_and_never_overwrites() {
             want.push(3);
         }
         assert_eq!(got, want);
+    });
+}
+
+#[test]
+fn an_abort_racing_blocked_writers_and_the_consumer_never_hangs() {
+    // Ring of 2 batches of 1 sample, already full; two writers reserve batches
+    // 2 and 3 and wait for ring space while the consumer drains and the store
+    // is aborted. Each writer either completes (its sample was accepted) or
+    // gives up with Shutdown, leaving its slot unfilled; the consumer never
+    // waits for such a slot, never gets a batch holding one, and sees the
+    // accepted samples in order up to the first one given up.
+    model(|| {
+        let store = Store::new(spec(), 1, 2).unwrap();
+        store.write_blocking(&payloads(&[1, 2])).unwrap();
+        let writers: Vec<_> = [3u32, 4]
+            .into_iter()
+            .map(|id| {
+                let s = store.clone();
+                loom::thread::spawn(move || match s.write_blocking(&payloads(&[id])) {
+                    Ok(()) => Some(id),
+                    Err(Error::Shutdown) => None,
+                    Err(e) => panic!("unexpected error {e}"),
+                })
+            })
+            .collect();
+        let consumer = {
+            let s = store.clone();
+            loom::thread::spawn(move || drain(&s))
+        };
+        store.abort();
+        let accepted: Vec<Option<u32>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        let got = consumer.join().unwrap();
+        // Batches 0 and 1 were committed before anything else happened.
+        assert!(got.starts_with(&[1, 2]), "{got:?}");
+        for id in &got[2..] {
+            assert!(
+                accepted.contains(&Some(*id)),
+                "{id} was handed out but refused: {got:?}"
+            );
+        }
+        let mut sorted = got.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), got.len(), "a sample twice: {got:?}");
     });
 }

@@ -244,23 +244,58 @@ fn writers_waiting_behind_a_broken_batch_give_up() {
 }
 
 #[test]
-fn a_write_dropped_while_waiting_for_space_ends_the_store_before_its_batch() {
+fn a_write_dropped_while_waiting_for_space_leaves_nothing_behind() {
     use futures::FutureExt;
-    // Two batches of two, both full: a third write reserves a slot of batch 2
-    // and waits for ring space. Dropped there (a cancelled `submit`), its slot
-    // would never be filled.
+    // Two batches of two, both full: a third write waits for ring space.
+    // Dropped there (a cancelled `submit`), it must not leave slots reserved
+    // that nothing will fill (the consumer would wait for them forever) nor
+    // end the store (taking other writers' samples with it).
     let s = Store::new(spec(), 2, 2).unwrap();
     s.write_blocking(&[payload(0), payload(1), payload(2), payload(3)].concat())
         .unwrap();
-    assert!(s.write(&payload(4)).now_or_never().is_none(), "it waited");
-    assert!(s.is_broken() && s.is_closed());
-    // The consumer gets both full batches, then the end instead of waiting
-    // for batch 2 forever.
-    for want in [[0, 1], [2, 3]] {
+    assert!(s.write(&payload(99)).now_or_never().is_none(), "it waited");
+    assert!(!s.is_broken() && !s.is_closed());
+    assert_eq!(s.size(), 4, "the dropped write reserved a slot");
+    let b = s.next_batch_blocking().unwrap();
+    assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &[0, 1]);
+    drop(b);
+    // The store goes on: later writes fill batch 2 as usual.
+    s.write_blocking(&[payload(4), payload(5)].concat())
+        .unwrap();
+    for want in [[2, 3], [4, 5]] {
         let b = s.next_batch_blocking().unwrap();
         assert_eq!(b.leaf(0).as_slice::<u32>().unwrap(), &want);
     }
-    assert!(s.next_batch_blocking().is_none());
+}
+
+#[test]
+fn an_async_write_waits_for_space_and_counts_as_blocked_once() {
+    let s = Store::new(spec(), 1, 2).unwrap();
+    s.write_blocking(&[payload(0), payload(1)].concat())
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let consumer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            (0..4)
+                .map(|_| {
+                    s.next_batch_blocking()
+                        .unwrap()
+                        .leaf(0)
+                        .as_slice::<u32>()
+                        .unwrap()[0]
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    rt.block_on(s.write(&[payload(2), payload(3)].concat()))
+        .unwrap();
+    assert_eq!(consumer.join().unwrap(), vec![0, 1, 2, 3]);
+    assert_eq!(s.counters().push_blocked, 1);
 }
 
 #[test]
