@@ -22,7 +22,6 @@ use echo::{DType, Leaf, Spec};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 use pyo3::{ffi, IntoPyObjectExt};
 
 /// How long a wait for a batch runs without the GIL before it checks for
@@ -322,19 +321,6 @@ impl Batch {
                 .into_py_any(slf.py())
             })
             .collect()
-    }
-
-    /// Sample `k`'s payload (every leaf's bytes), copied: for checks and tests.
-    fn payload<'py>(&self, py: Python<'py>, k: usize) -> PyResult<Bound<'py, PyBytes>> {
-        if k >= self.batch.len() {
-            return Err(PyValueError::new_err(format!(
-                "sample {k} of a batch of {}",
-                self.batch.len()
-            )));
-        }
-        let mut out = Vec::new();
-        self.batch.copy_sample(k, &mut out);
-        Ok(PyBytes::new(py, &out))
     }
 }
 
