@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the cargo-fuzz targets into fuzz/seeds/<target>/.
 
-Valid handshakes, payload streams, control records and spec JSON in both forms
-(plus a few near misses), each behind the header bytes the target reads first.
+Valid handshakes, payload streams, control records, client hellos, ack streams
+and spec JSON in both forms (plus a few near misses), each behind the header
+bytes the target reads first.
 The layouts are documented in fuzz/src/lib.rs; keep the two in step.
 
 Usage: python3 scripts/fuzz-seeds.py [OUT_DIR]   (default: fuzz/seeds)
@@ -123,8 +124,27 @@ def seeds():
     js["deep"] = '{"a":' * 70 + '{"shape": [1], "dtype": "uint8"}' + "}" * 70
     js["duplicate"] = '[{"name": "a", "shape": [1], "dtype": "uint8"}, {"name": "a", "shape": [1], "dtype": "uint8"}]'
 
+    hello = {
+        "whole": bytes([0]) + b"ECHO\x01",
+        "bytewise": bytes([5, 1, 1, 1, 1, 1]) + b"ECHO\x01",
+        "then-data": bytes([2, 3, 9]) + b"ECHO\x01" + bytes(16),
+        "short": bytes([0]) + b"ECH",
+        "wrong-version": bytes([0]) + b"ECHO\x02",
+        "http": bytes([0]) + b"GET / HTTP/1.1\r\n",
+    }
+
+    acks = {
+        "all": bytes([8, 0]) + b"\x01" * 32,
+        "pieces": bytes([8, 3, 1, 5, 2]) + b"\x01" * 30,
+        "too-many": bytes([2, 0]) + b"\x01" * 9,
+        "bad-byte": bytes([8, 2, 4, 4]) + b"\x01" * 5 + b"\x02" + b"\x01" * 3,
+        "none-sent": bytes([0, 0]) + b"\x01",
+    }
+
     return {
         "handshake": hs,
+        "hello": hello,
+        "acks": acks,
         "splitter": split,
         "control": ctl,
         "spec_json": {k: v.encode() for k, v in js.items()},

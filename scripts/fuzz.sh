@@ -3,7 +3,7 @@
 #
 #   bash scripts/fuzz.sh [SECONDS] [TARGET...]
 #
-# Runs each target (default: all four) for SECONDS (default 60) on one core, with
+# Runs each target (default: all six) for SECONDS (default 60) on one core, with
 # debug assertions (so arithmetic overflow is a crash), starting from the
 # committed corpus in fuzz/corpus/TARGET plus the seeds scripts/fuzz-seeds.py
 # writes to fuzz/seeds/TARGET. Then minimizes the corpus (`cargo fuzz cmin`; set
@@ -20,7 +20,7 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(handshake splitter control spec_json)
+    targets=(handshake splitter control spec_json hello acks)
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: needs a nightly toolchain and cargo-fuzz: rustup toolchain install nightly && cargo install cargo-fuzz" >&2

@@ -13,10 +13,11 @@ use std::collections::BTreeMap;
 use echo_core::control::{encode_record, read_record, ControlError};
 use echo_core::spec::{DType, Spec};
 use echo_core::testkit::decoders::{
-    check_control_record, check_handshake, check_spec_json, check_splitter, SplitStep,
+    check_ack_stream, check_client_hello, check_control_record, check_handshake, check_spec_json,
+    check_splitter, SplitStep,
 };
 use echo_core::testkit::kit_spec;
-use echo_core::wire::{handshake_bytes, HandshakeLimits};
+use echo_core::wire::{handshake_bytes, HandshakeLimits, CLIENT_HELLO};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -126,6 +127,40 @@ proptest! {
         let i = pos.index(bytes.len());
         bytes[i] = byte;
         let _ = check_handshake(small_limits(), &bytes, &cuts);
+    }
+
+    #[test]
+    fn client_hellos_are_decided_at_the_first_wrong_byte_for_any_cuts(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..12),
+            // The hello, or a near miss: one byte changed, cut short or extended.
+            (any::<prop::sample::Index>(), any::<u8>(), 0usize..8, prop::collection::vec(any::<u8>(), 0..4))
+                .prop_map(|(pos, byte, keep, tail)| {
+                    let mut b = CLIENT_HELLO.to_vec();
+                    if byte % 3 == 0 {
+                        let i = pos.index(b.len());
+                        b[i] = byte;
+                    }
+                    b.truncate(keep.max(1));
+                    b.extend(tail);
+                    b
+                }),
+        ],
+        cuts in cuts(6),
+    ) {
+        let _ = check_client_hello(&bytes, &cuts);
+    }
+
+    #[test]
+    fn ack_streams_are_counted_exactly_or_refused_for_any_cuts(
+        bytes in prop_oneof![
+            prop::collection::vec(Just(1u8), 0..64),
+            prop::collection::vec(prop_oneof![9 => Just(1u8), 1 => any::<u8>()], 0..64),
+        ],
+        cuts in cuts(16),
+        sent in 0u64..80,
+    ) {
+        let _ = check_ack_stream(&bytes, &cuts, sent);
     }
 
     #[test]

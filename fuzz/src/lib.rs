@@ -8,6 +8,8 @@
 //! | `splitter` | `[payload_size − 1, per_chunk, nsteps, (read, flags) × (nsteps % 16), stream…]` |
 //! | `control` | `[count, max, piece, record…]` |
 //! | `spec_json` | the JSON text (inputs that are not UTF-8 are skipped) |
+//! | `hello` | `[ncuts, cut × (ncuts % 16), first bytes…]` |
+//! | `acks` | `[sent / 4, ncuts, cut × (ncuts % 16), bytes…]` |
 //!
 //! A missing header byte reads as 0, so every input means something.
 

@@ -1,6 +1,6 @@
 //! Property checks for the pure decoders that read untrusted bytes: the wire v1
-//! handshake decoder, the payload splitter, the control-record reader and the spec
-//! JSON loader.
+//! handshake decoder, the client hello check, the client's ack counter, the
+//! payload splitter, the control-record reader and the spec JSON loader.
 //!
 //! Each `check_*` function runs one input through a decoder, in several ways where
 //! the decoder has several (whole or in pieces, sync or async), and panics with a
@@ -23,8 +23,8 @@ use crate::control::{
 };
 use crate::spec::{Spec, SpecError, WireSpec};
 use crate::wire::{
-    handshake_bytes, parse_handshake, Decoded, HandshakeDecoder, HandshakeLimits, PayloadSplitter,
-    WireError,
+    check_hello, handshake_bytes, parse_handshake, AckCounter, Decoded, HandshakeDecoder,
+    HandshakeLimits, PayloadSplitter, WireError, ACK, CLIENT_HELLO,
 };
 
 /// Piece sizes to cut a stream with: `cuts[i % cuts.len()]`, each at least 1 byte.
@@ -509,4 +509,90 @@ pub fn check_spec_json(text: &str) -> Result<Spec, SpecError> {
         "the spec's handshake with one byte less of payload allowed"
     );
     Ok(spec)
+}
+
+/// Runs `bytes`, what a peer sends first on a QUIC stream, through the server's
+/// client hello check the way the server reads it (a growing prefix of at most
+/// the hello's length, in pieces cut at `cuts`), and checks that the decision
+/// is the one the bytes call for, whatever the cuts: accepted once the whole
+/// hello has come, if it is the hello; refused at the first byte that differs,
+/// naming the bytes received (never more than the hello's length); undecided
+/// only while a correct prefix is all there is. Returns the decision.
+pub fn check_client_hello(bytes: &[u8], cuts: &[usize]) -> Result<bool, WireError> {
+    let want = &CLIENT_HELLO[..];
+    let bad = bytes.iter().zip(want).position(|(a, b)| a != b);
+    let mut got = Vec::with_capacity(want.len());
+    let mut decision = Ok(false);
+    for piece in pieces(bytes, cuts) {
+        let room = want.len() - got.len();
+        got.extend_from_slice(&piece[..piece.len().min(room)]);
+        decision = check_hello(&got);
+        match &decision {
+            Ok(false) => assert!(
+                got.len() < want.len() && bad.is_none_or(|i| i >= got.len()),
+                "{} bytes {got:?} left undecided",
+                got.len()
+            ),
+            Ok(true) => {
+                assert_eq!(got, want, "accepted {got:?}");
+                break;
+            }
+            Err(WireError::BadHello { got: named }) => {
+                let i = bad.expect("refused a correct prefix");
+                assert!(i < got.len(), "refused before the byte that differs");
+                assert_eq!(named, &got, "the refusal names what came");
+                break;
+            }
+            Err(e) => panic!("unexpected refusal {e}"),
+        }
+    }
+    match bad {
+        Some(i) if i < bytes.len() => assert!(decision.is_err(), "byte {i} differs: {decision:?}"),
+        _ if bytes.len() >= want.len() => assert_eq!(decision, Ok(true)),
+        _ => assert_eq!(decision, Ok(false)),
+    }
+    decision
+}
+
+/// Feeds `bytes`, what a server sends back, to a client's [`AckCounter`] in
+/// pieces cut at `cuts` with `sent` payloads sent, and checks that: acks are
+/// counted exactly, never past `sent` without a refusal; the first byte that is
+/// not an ack is refused, naming it, unless more acks than `sent` came before
+/// it (then that is refused first, or in the same piece); and all-ack streams
+/// of at most `sent` bytes are counted whole. Returns the acks counted before
+/// any refusal, and the refusal.
+pub fn check_ack_stream(bytes: &[u8], cuts: &[usize], sent: u64) -> (u64, Option<WireError>) {
+    let first_bad = bytes.iter().position(|&b| b != ACK);
+    let acks_before_bad = first_bad.unwrap_or(bytes.len()) as u64;
+    let mut counter = AckCounter::default();
+    let mut counted = 0u64;
+    for piece in pieces(bytes, cuts) {
+        match counter.feed(piece, sent) {
+            Ok(n) => {
+                assert_eq!(n, piece.len() as u64, "a piece of acks counted in part");
+                counted += n;
+                assert!(counted <= sent, "{counted} acks counted with {sent} sent");
+                assert_eq!(counter.acked(), counted);
+            }
+            Err(e) => {
+                match &e {
+                    WireError::UnexpectedAckByte { got } => {
+                        let i = first_bad.expect("a refused byte where all were acks");
+                        assert_eq!(*got, bytes[i], "the refusal names the first bad byte");
+                    }
+                    WireError::TooManyAcks { got, sent: s } => {
+                        assert_eq!(*s, sent);
+                        assert!(*got > sent, "{got} acks called too many with {sent} sent");
+                        assert!(acks_before_bad > sent, "too many acks refused early");
+                    }
+                    other => panic!("unexpected refusal {other}"),
+                }
+                assert!(counted <= sent.min(acks_before_bad));
+                return (counted, Some(e));
+            }
+        }
+    }
+    assert!(first_bad.is_none(), "byte {first_bad:?} was not refused");
+    assert_eq!(counted, bytes.len() as u64);
+    (counted, None)
 }
