@@ -106,14 +106,23 @@ struct ServerInner {
     shut: tokio::sync::Mutex<bool>,
 }
 
+impl ServerInner {
+    /// Stops at once (see [`Server::abort`]).
+    fn abort(&self) {
+        self.ingress.begin_shutdown();
+        // Before the store's abort: drainers then see the store's refusals as
+        // expected, not as errors to report.
+        self.ingress.abandon();
+        self.store.abort();
+    }
+}
+
 impl Drop for ServerInner {
     fn drop(&mut self) {
         // Nobody can consume any more: let waiting writers and drainers go
         // (the drainers' threads end; they would otherwise wait for a
-        // shutdown that never comes, holding the ring). As `Server::abort`.
-        self.ingress.begin_shutdown();
-        self.ingress.abandon();
-        self.store.abort();
+        // shutdown that never comes, holding the ring).
+        self.abort();
     }
 }
 
@@ -283,11 +292,7 @@ impl Server {
     /// dropped, acknowledged or not: [`shutdown`](Self::shutdown) while
     /// consuming loses nothing. Dropping the last clone of a server does this.
     pub fn abort(&self) {
-        self.inner.ingress.begin_shutdown();
-        // Before the store's abort: drainers then see the store's refusals as
-        // expected, not as errors to report.
-        self.inner.ingress.abandon();
-        self.inner.store.abort();
+        self.inner.abort();
     }
 
     /// Shuts down gracefully: stops accepting, closes connections, drains every

@@ -217,18 +217,13 @@ impl Store {
         let mut rest = self.check_len(payloads)?;
         let mut blocked = false;
         loop {
-            // Listening before trying: a slot freed in between still wakes us.
-            let listener = self.inner.space.listen();
             let n = self.try_write(rest)?;
             rest = &rest[n..];
             if rest.is_empty() {
                 return Ok(());
             }
             if n == 0 {
-                if !std::mem::replace(&mut blocked, true) {
-                    self.inner.push_blocked.fetch_add(1, Relaxed);
-                }
-                listener.await;
+                self.wait_for_room(&mut blocked).await?;
             }
         }
     }
@@ -296,6 +291,12 @@ impl Store {
     /// [`try_reserve`](Self::try_reserve) can succeed (unless another writer
     /// fills that batch first). `Err(Shutdown)` once the store is closed.
     pub async fn room(&self) -> Result<()> {
+        self.wait_for_room(&mut false).await
+    }
+
+    /// [`room`](Self::room), counting the writer as blocked only if `blocked`
+    /// is still false (one count per write, however many times it waits).
+    async fn wait_for_room(&self, blocked: &mut bool) -> Result<()> {
         let bs = self.inner.batch_size as u64;
         let free = || -> Result<bool> {
             let next = self.inner.next.load(Acquire);
@@ -304,8 +305,7 @@ impl Store {
             }
             self.inner.is_free(next / bs)
         };
-        let mut blocked = false;
-        while let Some(l) = self.inner.listen_unless(free, &mut blocked)? {
+        while let Some(l) = self.inner.listen_unless(free, blocked)? {
             l.await;
         }
         Ok(())
