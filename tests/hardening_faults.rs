@@ -99,10 +99,7 @@ fn killed_client_processes_lose_nothing_acknowledged_grpcs() {
 #[cfg(feature = "grpc")]
 fn grpcs_urls() -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = hardening::self_signed(dir.path(), "localhost");
     let bind = format!(
         "grpcs://127.0.0.1:0?cert={}&key={}",
         cert.display(),

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use echo::grpc::proto::PushRequest;
 use echo::{Server, Spec, Url};
 use echo_core::testkit::{kit_sample, kit_spec};
-use hardening::{assert_exactly, join_good, rss_kib, spawn_consumer, spawn_good, within};
+use hardening::{
+    assert_exactly, join_good, rss_kib, self_signed, spawn_consumer, spawn_good, within,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -142,15 +144,6 @@ async fn shutdown_is_not_held_by_a_connection_that_never_sends_the_preface() {
         .unwrap();
 }
 
-/// A self-signed certificate for `127.0.0.1` and its key, as PEM files in `dir`.
-fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    (cert, key)
-}
-
 /// A peer that starts a TLS handshake its own way and never finishes it: it
 /// writes `first`, then one more byte every 100 ms if `trickle`, until the
 /// server closes the connection. Returns how many bytes it wrote.
@@ -188,7 +181,7 @@ async fn slow_tls_handshakes_are_cut_at_the_handshake_timeout() {
     within(60, "the test", async {
         let spec = kit_spec(64);
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = self_signed(dir.path());
+        let (cert, key) = self_signed(dir.path(), "127.0.0.1");
         let server = Server::builder(spec.clone())
             .batch_size(16)
             .limits(echo::Limits {

@@ -130,6 +130,21 @@ fn drain(store: &Store) -> Vec<u32> {
     got
 }
 
+/// One writer thread per id, each writing that one sample with `write_blocking`
+/// and returning it if it was accepted, `None` if refused with `Shutdown`.
+fn spawn_writers(store: &Store, ids: &[u32]) -> Vec<loom::thread::JoinHandle<Option<u32>>> {
+    ids.iter()
+        .map(|&id| {
+            let s = store.clone();
+            loom::thread::spawn(move || match s.write_blocking(&payloads(&[id])) {
+                Ok(()) => Some(id),
+                Err(Error::Shutdown) => None,
+                Err(e) => panic!("unexpected error {e}"),
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn writers_wait_for_ring_space_and_the_consumer_for_batches() {
     // Ring of 2 batches of 1 sample; 3 samples from 2 writers, so one writer
@@ -199,17 +214,7 @@ fn a_close_racing_writers_loses_nothing_that_was_accepted() {
     // its sample appears nowhere). The consumer then gets None, never a hang.
     model(|| {
         let store = Store::new(spec(), 2, 2).unwrap();
-        let writers: Vec<_> = [[1u32], [2]]
-            .into_iter()
-            .map(|ids| {
-                let s = store.clone();
-                loom::thread::spawn(move || match s.write_blocking(&payloads(&ids)) {
-                    Ok(()) => Some(ids[0]),
-                    Err(Error::Shutdown) => None,
-                    Err(e) => panic!("unexpected error {e}"),
-                })
-            })
-            .collect();
+        let writers = spawn_writers(&store, &[1, 2]);
         let consumer = {
             let s = store.clone();
             loom::thread::spawn(move || drain(&s))
@@ -273,17 +278,7 @@ fn an_abort_racing_blocked_writers_and_the_consumer_never_hangs() {
     model(|| {
         let store = Store::new(spec(), 1, 2).unwrap();
         store.write_blocking(&payloads(&[1, 2])).unwrap();
-        let writers: Vec<_> = [3u32, 4]
-            .into_iter()
-            .map(|id| {
-                let s = store.clone();
-                loom::thread::spawn(move || match s.write_blocking(&payloads(&[id])) {
-                    Ok(()) => Some(id),
-                    Err(Error::Shutdown) => None,
-                    Err(e) => panic!("unexpected error {e}"),
-                })
-            })
-            .collect();
+        let writers = spawn_writers(&store, &[3, 4]);
         let consumer = {
             let s = store.clone();
             loom::thread::spawn(move || drain(&s))

@@ -73,9 +73,14 @@ pub fn spawn_consumer(server: &Server) -> JoinHandle<Got> {
 /// Client `id`'s samples are exactly `0..n`, once each, in order.
 pub fn assert_exactly(got: &Got, id: u32, n: u32) {
     let seqs = got.get(&id).map(Vec::as_slice).unwrap_or_default();
+    assert_zero_to(id, seqs, n, "in order");
+}
+
+/// `seqs`, client `id`'s samples as `how` says they were taken, are `0..n`.
+fn assert_zero_to(id: u32, seqs: &[u32], n: u32, how: &str) {
     assert!(
         seqs.iter().copied().eq(0..n),
-        "client {id}: expected 0..{n} once each in order, got {} samples (first difference: {:?})",
+        "client {id}: expected 0..{n} once each {how}, got {} samples (first difference: {:?})",
         seqs.len(),
         seqs.iter().copied().zip(0..n).find(|(a, b)| a != b)
     );
@@ -102,12 +107,7 @@ pub fn assert_prefix(got: &Got, id: u32, min: u64, max: u64) -> u64 {
 pub fn assert_exactly_unordered(got: &Got, id: u32, n: u32) {
     let mut seqs = got.get(&id).cloned().unwrap_or_default();
     seqs.sort_unstable();
-    assert!(
-        seqs.iter().copied().eq(0..n),
-        "client {id}: expected 0..{n} once each, got {} samples (first difference in order: {:?})",
-        seqs.len(),
-        seqs.iter().copied().zip(0..n).find(|(a, b)| a != b)
-    );
+    assert_zero_to(id, &seqs, n, "in any order (sorted)");
 }
 
 /// Client `id`'s samples are distinct, all below `max`, and at least `min` of
@@ -132,6 +132,16 @@ pub fn assert_distinct_within(got: &Got, id: u32, min: u64, max: u64) -> u64 {
         "client {id}: {k} samples arrived, fewer than the {min} acknowledged"
     );
     k
+}
+
+/// A self-signed certificate for `name` and its key, written as PEM files
+/// `cert.pem` and `key.pem` in `dir`; returns their paths.
+pub fn self_signed(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
 }
 
 /// A client of `url` for `spec`, through the facade's registry.
