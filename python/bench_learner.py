@@ -68,14 +68,12 @@ def run(kind, size, clients, seconds, batch):
 
         server = Server(ex, batch_size=batch, transport=TcpTransport(0))
         server.start()
-        port = server.port
-        take = server.sample
     else:
         import echo_rs
 
         server = echo_rs.Server(ex, batch_size=batch, listen=["tcp://127.0.0.1:0"])
-        port = server.port
-        take = server.sample
+    # The same two calls on both servers.
+    port, take = server.port, server.sample
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--client", str(port), str(size), str(seconds)],

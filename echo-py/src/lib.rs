@@ -213,7 +213,7 @@ impl Server {
                     .block_on(async { tokio::time::timeout(wait, self.server.next_batch()).await })
             });
             match got {
-                Ok(Some(batch)) => return Ok(Some(Batch::new(batch))),
+                Ok(Some(batch)) => return Ok(Some(Batch { batch })),
                 Ok(None) => {
                     // The store is closed: the shutdown is at its last step.
                     let closing = self
@@ -242,15 +242,9 @@ impl Server {
     }
 
     /// Feeds whole payloads in-process (one or more, back to back), as if a
-    /// client had sent them; waits for ring space.
+    /// client had sent them; waits for ring space. Other lengths are refused
+    /// (`ValueError`, by the store).
     fn submit(&self, py: Python<'_>, payloads: &[u8]) -> PyResult<()> {
-        let size = self.server.spec().payload_size();
-        if payloads.is_empty() || payloads.len() % size != 0 {
-            return Err(PyValueError::new_err(format!(
-                "expected whole payloads of {size} bytes, got {} bytes",
-                payloads.len()
-            )));
-        }
         py.detach(|| self.runtime.block_on(self.server.submit(payloads)))
             .map_err(py_err)
     }
@@ -285,12 +279,6 @@ struct Batch {
 impl std::fmt::Debug for Batch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.batch.fmt(f)
-    }
-}
-
-impl Batch {
-    fn new(batch: echo::Batch) -> Self {
-        Batch { batch }
     }
 }
 
